@@ -1,0 +1,583 @@
+"""The App: the registry of handlers and the client API.
+
+`App(url)` is cheap and connects lazily, so importing a module that builds an
+App (a worker process, a pool child) touches no database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import os
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+from mainspring import payload
+from mainspring.backoff import Backoff
+from mainspring.cron import Cron
+from mainspring.errors import ConfigError, RunFailed, RunNotFound
+from mainspring.ids import uuid7
+from mainspring.portal import Portal
+from mainspring.run import AVAILABLE, SCHEDULED, TERMINAL, NewRun, NodeInfo, Run
+from mainspring.store.base import Store
+from mainspring.telemetry import Telemetry
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+Executor = Literal["async", "thread", "process"]
+DEFAULT_URL = "sqlite:///mainspring.db"
+
+
+def make_store(url: str) -> Store:
+    """A store for a database URL (not yet opened)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("postgres", "postgresql"):
+        from mainspring.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    if scheme == "sqlite":
+        from mainspring.store.sqlite import SqliteStore
+
+        return SqliteStore(url)
+    raise ConfigError(
+        f"unsupported database URL {url!r}: use sqlite:///path/to/file.db or "
+        "postgresql://user@host:5432/db"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Limits of one queue: `concurrency` per node, `global_limit` across all nodes."""
+
+    name: str
+    concurrency: int | None = None
+    global_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Periodic:
+    """A task enqueued on every tick of a cron expression, exactly once per tick cluster-wide."""
+
+    task: Task[..., Any]
+    cron: Cron
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOptions:
+    queue: str | None = None
+    priority: int | None = None
+    delay: float | None = None
+    run_at: datetime | None = None
+    correlation_key: str | None = None
+    concurrency_key: str | None = None
+    max_attempts: int | None = None
+    attributes: dict[str, Any] | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A task call ready to enqueue (see `App.enqueue_many`)."""
+
+    task: Task[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: EnqueueOptions
+
+    def to_new_run(self, now: datetime) -> NewRun:
+        task, opts = self.task, self.options
+        run_at = opts.run_at
+        if run_at is not None and run_at.tzinfo is None:
+            raise ConfigError("run_at must be timezone-aware (for example datetime.now(UTC))")
+        if opts.delay is not None:
+            if opts.delay < 0:
+                raise ConfigError(f"delay must be >= 0 seconds, got {opts.delay}")
+            run_at = now + timedelta(seconds=opts.delay)
+        max_attempts = opts.max_attempts if opts.max_attempts is not None else task.max_attempts
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
+        later = run_at is not None and run_at > now
+        return NewRun(
+            id=uuid7(),
+            name=task.name,
+            queue=opts.queue or task.queue,
+            input=payload.encode_call(task.name, self.args, self.kwargs),
+            state=SCHEDULED if later else AVAILABLE,
+            run_at=run_at if later and run_at else now,
+            priority=opts.priority if opts.priority is not None else task.priority,
+            max_attempts=max_attempts,
+            correlation_key=opts.correlation_key,
+            concurrency_key=opts.concurrency_key,
+            attributes=payload.dumps(opts.attributes or {}),
+            timeout=opts.timeout if opts.timeout is not None else task.timeout,
+        )
+
+
+class RunHandle:
+    """A reference to one run; `created` is False when an existing run was returned (dedup)."""
+
+    __slots__ = ("app", "created", "id")
+
+    def __init__(self, app: App, run_id: str, created: bool = True) -> None:
+        self.app = app
+        self.id = run_id
+        self.created = created
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r}, created={self.created})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def get(self) -> Run:
+        return self.app.get_run(self.id)
+
+    async def get_async(self) -> Run:
+        return await self.app.get_run_async(self.id)
+
+    def result(self, timeout: float | None = 30.0) -> Any:
+        """Wait for the run's outcome: its return value, or RunFailed, or TimeoutError."""
+        return self.app.result(self.id, timeout=timeout)
+
+    async def result_async(self, timeout: float | None = 30.0) -> Any:
+        return await self.app.result_async(self.id, timeout=timeout)
+
+    def cancel(self) -> Run:
+        return self.app.cancel(self.id)
+
+
+class _Enqueuer(Generic[P, R]):
+    """Shared enqueue API of a task and of a task with options."""
+
+    task: Task[P, R]
+    _options: EnqueueOptions
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Call:
+        """A call of this task to pass to `app.enqueue_many`."""
+        return Call(self.task, args, kwargs, self._options)
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle:
+        """Enqueue one run (sync); returns its handle. Arguments must be JSON encodable."""
+        return self.task.app.enqueue_many([self.call(*args, **kwargs)])[0]
+
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> RunHandle:
+        """Enqueue one run from async code; returns its handle."""
+        return (await self.task.app.enqueue_many_async([self.call(*args, **kwargs)]))[0]
+
+
+class TaskWithOptions(_Enqueuer[P, R]):
+    """A task with per-enqueue options (`task.options(...)`)."""
+
+    def __init__(self, task: Task[P, R], options: EnqueueOptions) -> None:
+        self.task = task
+        self._options = options
+
+
+class Task(_Enqueuer[P, R]):
+    """A registered handler. Calling it runs the function inline; `enqueue` makes a durable run."""
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        queue: str,
+        max_attempts: int,
+        priority: int,
+        timeout: float | None,
+        backoff: Backoff,
+        executor: Executor,
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self.app = app
+        self.fn = fn
+        self.task = self
+        self.name = name
+        self.queue = queue
+        self.max_attempts = max_attempts
+        self.priority = priority
+        self.timeout = timeout
+        self.backoff = backoff
+        self.executor = executor
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._options = EnqueueOptions()
+
+    @property
+    def target(self) -> str:
+        """Where a pool process imports the function from: module:qualname."""
+        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        correlation_key: str | None = None,
+        concurrency_key: str | None = None,
+        max_attempts: int | None = None,
+        attributes: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> TaskWithOptions[P, R]:
+        """This task with options for the runs enqueued through the result."""
+        if delay is not None and run_at is not None:
+            raise ConfigError("pass either delay or run_at, not both")
+        return TaskWithOptions(
+            self,
+            EnqueueOptions(
+                queue, priority, delay, run_at, correlation_key, concurrency_key, max_attempts,
+                attributes, timeout,
+            ),
+        )  # fmt: skip
+
+
+class App:
+    """A Mainspring application: handlers, queues, and a client for one database.
+
+    The URL defaults to $MAINSPRING_DATABASE_URL, else sqlite:///mainspring.db in
+    the working directory. Nothing connects until the first call that needs to.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        lease_ttl: float = 30.0,
+        node_name: str | None = None,
+        migrate: bool = True,
+        retention: float = 86_400.0,
+        shutdown_grace: float = 25.0,
+        process_pool_size: int | None = None,
+    ) -> None:
+        self.url = url or os.environ.get("MAINSPRING_DATABASE_URL") or DEFAULT_URL
+        make_store(self.url)  # validates the URL now, not at first use
+        if lease_ttl <= 0:
+            raise ConfigError(f"lease_ttl must be > 0 seconds, got {lease_ttl}")
+        self.lease_ttl = lease_ttl
+        self.node_name = node_name
+        self.auto_migrate = migrate
+        self.retention = retention
+        self.shutdown_grace = shutdown_grace
+        self.process_pool_size = process_pool_size or os.cpu_count() or 2
+        self.tasks: dict[str, Task[..., Any]] = {}
+        self.periodics: list[Periodic] = []
+        self.queues: dict[str, QueueConfig] = {}
+        self.telemetry = Telemetry()
+        self._portal: Portal | None = None
+        self._portal_lock = threading.Lock()
+        self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._migrated = False
+
+    def __repr__(self) -> str:
+        return f"<mainspring.App {self.url}>"
+
+    # -- registration ------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int = 20,
+        priority: int = 0,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        executor: Executor | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    def task(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int = 20,
+        priority: int = 0,
+        timeout: float | None = None,
+        backoff: Backoff | None = None,
+        executor: Executor | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task (async functions run on the loop, sync ones in threads)."""
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task_name = name or f"{func.__module__}.{func.__qualname__}"
+            if task_name in self.tasks:
+                raise ConfigError(f"a task named {task_name!r} is already registered")
+            if max_attempts < 1:
+                raise ConfigError(f"task {task_name!r}: max_attempts must be >= 1")
+            if timeout is not None and timeout <= 0:
+                raise ConfigError(f"task {task_name!r}: timeout must be > 0 seconds")
+            chosen: Executor = executor or (
+                "async" if inspect.iscoroutinefunction(func) else "thread"
+            )
+            if chosen not in ("async", "thread", "process"):
+                raise ConfigError(
+                    f"task {task_name!r}: executor must be 'async', 'thread' or 'process'"
+                )
+            if chosen == "async" and not inspect.iscoroutinefunction(func):
+                raise ConfigError(f"task {task_name!r}: executor='async' needs an async function")
+            if chosen == "thread" and inspect.iscoroutinefunction(func):
+                raise ConfigError(f"task {task_name!r}: executor='thread' needs a sync function")
+            if chosen == "process" and "<locals>" in func.__qualname__:
+                raise ConfigError(
+                    f"task {task_name!r}: executor='process' needs a module-level function "
+                    "so pool processes can import it"
+                )
+            task = Task(
+                self,
+                func,
+                name=task_name,
+                queue=queue,
+                max_attempts=max_attempts,
+                priority=priority,
+                timeout=timeout,
+                backoff=backoff or Backoff.exponential(),
+                executor=chosen,
+            )
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int = 1,
+        priority: int = 0,
+        timeout: float | None = None,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a task enqueued on every tick of `cron` (UTC), exactly once per tick."""
+        schedule = Cron.parse(cron)
+
+        def register(func: Callable[P, R]) -> Task[P, R]:
+            task = self.task(
+                name=name, queue=queue, max_attempts=max_attempts, priority=priority,
+                timeout=timeout,
+            )(func)  # fmt: skip
+            call_args, call_kwargs = tuple(args), dict(kwargs or {})
+            payload.encode_call(task.name, call_args, call_kwargs)
+            self.periodics.append(Periodic(task, schedule, call_args, call_kwargs))
+            return task
+
+        return register
+
+    def queue(
+        self, name: str, *, concurrency: int | None = None, global_limit: int | None = None
+    ) -> QueueConfig:
+        """Limit a queue: `concurrency` runs at once per node, `global_limit` across the cluster."""
+        for label, value in (("concurrency", concurrency), ("global_limit", global_limit)):
+            if value is not None and value < 1:
+                raise ConfigError(f"queue {name!r}: {label} must be >= 1, got {value}")
+        config = QueueConfig(name, concurrency, global_limit)
+        self.queues[name] = config
+        return config
+
+    # -- stores -------------------------------------------------------------------
+
+    async def store(self) -> Store:
+        """The open store for the running event loop (opened and migrated on first use)."""
+        loop = asyncio.get_running_loop()
+        store = self._stores.get(loop)
+        if store is None:
+            store = await self.open_store()
+            self._stores[loop] = store
+        return store
+
+    async def open_store(self) -> Store:
+        """A new open store for this loop; the caller closes it."""
+        store = make_store(self.url)
+        await store.open()
+        if self.auto_migrate and not self._migrated:
+            await store.migrate()
+            self._migrated = True
+        return store
+
+    def _sync(self, coro: Awaitable[T]) -> T:
+        with self._portal_lock:
+            if self._portal is None:
+                self._portal = Portal()
+        return self._portal.call(_wrap(coro))
+
+    async def aclose(self) -> None:
+        """Close the store of the running loop."""
+        store = self._stores.pop(asyncio.get_running_loop(), None)
+        if store is not None:
+            await store.close()
+
+    def close(self) -> None:
+        """Close the sync client (its thread and connections)."""
+        with self._portal_lock:
+            portal, self._portal = self._portal, None
+        if portal is not None:
+            try:
+                portal.call(self.aclose(), timeout=10)
+            finally:
+                portal.stop()
+
+    # -- client API ----------------------------------------------------------------
+
+    async def enqueue_many_async(self, calls: Iterable[Call]) -> list[RunHandle]:
+        """Enqueue many runs in one round trip; returns their handles in order."""
+        now = datetime.now(UTC)
+        runs = [call.to_new_run(now) for call in calls]
+        if not runs:
+            return []
+        store = await self.store()
+        actual = await store.insert_runs(runs)
+        handles = [RunHandle(self, actual[r.id], actual[r.id] == r.id) for r in runs]
+        if self.telemetry.listening("run.enqueued"):
+            for run, handle in zip(runs, handles, strict=True):
+                self.telemetry.emit(
+                    "run.enqueued", id=handle.id, name=run.name, queue=run.queue,
+                    state=run.state, created=handle.created,
+                )  # fmt: skip
+        return handles
+
+    def enqueue_many(self, calls: Iterable[Call]) -> list[RunHandle]:
+        return self._sync(self.enqueue_many_async(list(calls)))
+
+    async def get_run_async(self, run_id: str) -> Run:
+        run = await (await self.store()).get_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run with id {run_id!r} (it may have been garbage-collected)")
+        return run
+
+    def get_run(self, run_id: str) -> Run:
+        return self._sync(self.get_run_async(run_id))
+
+    async def list_runs_async(
+        self,
+        *,
+        state: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_id: str | None = None,
+    ) -> list[Run]:
+        store = await self.store()
+        return await store.list_runs(
+            state=state, queue=queue, name=name, limit=limit, before_id=before_id
+        )
+
+    def list_runs(self, **filters: Any) -> list[Run]:
+        return self._sync(self.list_runs_async(**filters))
+
+    async def cancel_async(self, run_id: str) -> Run:
+        """Cancel a run that is not finished; a running handler is cancelled on its node."""
+        run = await (await self.store()).cancel_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        return run
+
+    def cancel(self, run_id: str) -> Run:
+        return self._sync(self.cancel_async(run_id))
+
+    async def retry_async(self, run_id: str) -> Run:
+        """Run a failed or cancelled run again (one more attempt is allowed)."""
+        run = await (await self.store()).retry_run(run_id)
+        if run is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        return run
+
+    def retry(self, run_id: str) -> Run:
+        return self._sync(self.retry_async(run_id))
+
+    async def result_async(self, run_id: str, timeout: float | None = 30.0) -> Any:
+        """Wait until the run is terminal; its output, or RunFailed, or TimeoutError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            run = await self.get_run_async(run_id)
+            if run.state in TERMINAL:
+                if run.state == "completed":
+                    return run.output
+                raise RunFailed(run.id, run.state, run.error)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"run {run_id} still {run.state} after {timeout} s; "
+                    "is a worker running for its queue? see `mainspring runs explain`"
+                )
+            wait = pause if deadline is None else min(pause, max(0.0, deadline - time.monotonic()))
+            await asyncio.sleep(wait)
+            pause = min(pause * 1.5, 0.1)
+
+    def result(self, run_id: str, timeout: float | None = 30.0) -> Any:
+        return self._sync(self.result_async(run_id, timeout))
+
+    async def nodes_async(self) -> list[NodeInfo]:
+        return await (await self.store()).list_nodes(self.lease_ttl)
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._sync(self.nodes_async())
+
+    async def migrate_async(self) -> int:
+        store = make_store(self.url)
+        await store.open()
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    def migrate(self) -> int:
+        return self._sync(self.migrate_async())
+
+    # -- workers -------------------------------------------------------------------
+
+    def run_worker(
+        self,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 50,
+        burst: bool = False,
+        **options: Any,
+    ) -> None:
+        """Run a worker node in this thread until SIGTERM/SIGINT (or, with burst, until idle)."""
+        asyncio.run(self.run_worker_async(queues, concurrency, burst, **options))
+
+    async def run_worker_async(
+        self,
+        queues: Iterable[str] | None = None,
+        concurrency: int = 50,
+        burst: bool = False,
+        **options: Any,
+    ) -> None:
+        from mainspring.engine.worker import Worker
+
+        worker = Worker(self, queues=queues, concurrency=concurrency, burst=burst, **options)
+        await worker.run()
+
+
+async def _wrap(aw: Awaitable[T]) -> T:
+    return await aw

@@ -1,0 +1,52 @@
+"""Supervision for the node's background loops: a crash is logged, reported and retried."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from mainspring.telemetry import Telemetry
+
+log = logging.getLogger("mainspring.worker")
+
+
+async def supervise(
+    name: str,
+    loop_fn: Callable[[], Awaitable[None]],
+    telemetry: Telemetry,
+    on_crash: Callable[[str, BaseException], None],
+    *,
+    max_backoff: float = 10.0,
+) -> None:
+    """Run `loop_fn` for as long as the owner wants; restart it with backoff when it raises.
+
+    A loop that keeps failing (the database is down, say) is retried forever,
+    and every failure is visible: logged, emitted as `node.loop_crashed`, and
+    passed to `on_crash` so the node can mark itself degraded.
+    """
+    backoff = 0.1
+    while True:
+        try:
+            await loop_fn()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("loop %s failed (%s: %s); retrying in %.1fs", name, type(exc).__name__, exc, backoff)
+            telemetry.emit("node.loop_crashed", loop=name, error=repr(exc))
+            on_crash(name, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(max_backoff, backoff * 2)
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for the event up to `timeout` seconds; True when it was set."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,42 @@
+"""Run ids: UUIDv7 strings made by the client, so a handle exists before the database answers.
+
+UUIDv7 sorts by creation time, which keeps the primary-key index append-mostly
+and lets listings page by id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+
+def _format(value: int) -> str:
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _v7(unix_ms: int, random80: int) -> str:
+    rand_a = (random80 >> 62) & 0xFFF
+    rand_b = random80 & ((1 << 62) - 1)
+    value = (unix_ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= rand_a << 64
+    value |= 0b10 << 62
+    value |= rand_b
+    return _format(value)
+
+
+def uuid7() -> str:
+    """A new random UUIDv7 (RFC 9562) as a lowercase string."""
+    return _v7(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10), "big"))
+
+
+def uuid7_for(unix_seconds: float, *parts: str) -> str:
+    """A deterministic UUIDv7 for a moment and a key.
+
+    Every node computes the same id for the same (moment, key), so an insert
+    of it is idempotent across the cluster (periodic ticks use this).
+    """
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=10).digest()
+    return _v7(int(unix_seconds * 1000), int.from_bytes(digest, "big"))

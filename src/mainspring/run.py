@@ -1,0 +1,124 @@
+"""What a run is: the row every programming model shares, and the values the engine moves around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+SCHEDULED: Final = "scheduled"
+AVAILABLE: Final = "available"
+RUNNING: Final = "running"
+WAITING: Final = "waiting"
+COMPLETED: Final = "completed"
+FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
+
+STATES: Final = (SCHEDULED, AVAILABLE, RUNNING, WAITING, COMPLETED, FAILED, CANCELLED)
+TERMINAL: Final = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A snapshot of one run's row."""
+
+    id: str
+    kind: str
+    name: str
+    namespace: str
+    queue: str
+    state: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    correlation_key: str | None
+    concurrency_key: str | None
+    attributes: dict[str, Any]
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    fence: int
+    parent_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(slots=True)
+class NewRun:
+    """A run about to be inserted; the client has already made its id and encoded its input."""
+
+    id: str
+    name: str
+    queue: str
+    input: str
+    state: str
+    run_at: datetime
+    priority: int = 0
+    max_attempts: int = 20
+    kind: str = "job"
+    namespace: str = "default"
+    correlation_key: str | None = None
+    concurrency_key: str | None = None
+    attributes: str = "{}"
+    timeout: float | None = None
+    parent_id: str | None = None
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A run this node has just claimed: it holds the lease under `fence`."""
+
+    id: str
+    kind: str
+    name: str
+    queue: str
+    input: Any
+    attempt: int
+    max_attempts: int
+    fence: int
+    timeout: float | None
+    created_at: datetime
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one attempt, committed only if the run still carries `fence`.
+
+    `state` is the run's next state: completed, failed, cancelled, scheduled (a
+    retry at `run_at`) or available (released without using up the attempt).
+    """
+
+    id: str
+    fence: int
+    state: str
+    output: str | None = None
+    error: str | None = None
+    run_at: datetime | None = None
+    refund_attempt: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One worker node as the nodes table sees it."""
+
+    name: str
+    started_at: datetime
+    heartbeat_at: datetime
+    queues: list[str]
+    tasks: list[str]
+    concurrency: int
+    status: str
+    alive: bool

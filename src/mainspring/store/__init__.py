@@ -1,0 +1,1 @@
+"""Persistence: the Store contract and one implementation per backend."""

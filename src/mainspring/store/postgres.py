@@ -1,0 +1,374 @@
+"""The PostgreSQL backend (asyncpg): many nodes on many machines share one database.
+
+Row locks with SKIP LOCKED hand out work, fences make ownership safe, unique
+indexes enforce keys, LISTEN/NOTIFY wakes idle workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from mainspring import payload
+from mainspring.errors import BackendUnavailable, MainspringError
+from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
+from mainspring.store.base import QueueDemand, QueueStatus, Store
+from mainspring.store.queries import load_migrations, load_queries
+
+log = logging.getLogger("mainspring.store")
+
+Q = load_queries("postgres")
+CHANNEL = "mainspring"
+_MIGRATION_LOCK = 0x6D61696E  # "main"
+
+
+def _run(row: asyncpg.Record) -> Run:
+    return Run(
+        id=row["id"],
+        kind=row["kind"],
+        name=row["name"],
+        namespace=row["namespace"],
+        queue=row["queue"],
+        state=row["state"],
+        priority=row["priority"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        run_at=row["run_at"],
+        input=payload.loads(row["input"]),
+        output=payload.loads(row["output"]),
+        error=payload.loads(row["error"]),
+        correlation_key=row["correlation_key"],
+        concurrency_key=row["concurrency_key"],
+        attributes=payload.loads(row["attributes"]) or {},
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        fence=row["fence"],
+        parent_id=row["parent_id"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+class PostgresStore(Store):
+    """Store on PostgreSQL 14+ through an asyncpg pool."""
+
+    backend = "postgres"
+
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 10) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise MainspringError("the store is not open; call `await store.open()` first")
+        return self._pool
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                command_timeout=60,
+                server_settings={"application_name": "mainspring"},
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise BackendUnavailable(f"cannot connect to PostgreSQL at {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=2)
+            self._listener = None
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
+
+    async def migrate(self) -> int:
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await con.execute(
+                "CREATE TABLE IF NOT EXISTS ms_schema (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            current = await con.fetchval("SELECT coalesce(max(version), 0) FROM ms_schema")
+            for version, name, sql in load_migrations("postgres"):
+                if version > current:
+                    await con.execute(sql)
+                    await con.execute(
+                        "INSERT INTO ms_schema (version, name) VALUES ($1, $2)", version, name
+                    )
+                    current = version
+            return int(current)
+
+    async def schema_version(self) -> int:
+        exists = await self.pool.fetchval("SELECT to_regclass('ms_schema') IS NOT NULL")
+        if not exists:
+            return 0
+        return int(await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM ms_schema"))
+
+    async def insert_runs(self, runs: Sequence[NewRun]) -> dict[str, str]:
+        row = await self.pool.fetchrow(
+            Q["insert_runs"],
+            [r.id for r in runs],
+            [r.kind for r in runs],
+            [r.name for r in runs],
+            [r.namespace for r in runs],
+            [r.queue for r in runs],
+            [r.state for r in runs],
+            [r.priority for r in runs],
+            [r.run_at if r.state == "scheduled" else None for r in runs],
+            [r.max_attempts for r in runs],
+            [r.timeout for r in runs],
+            [r.correlation_key for r in runs],
+            [r.concurrency_key for r in runs],
+            [r.parent_id for r in runs],
+            [r.input for r in runs],
+            [r.attributes for r in runs],
+        )
+        inserted = set(row["ids"]) if row else set()
+        result = {r.id: r.id for r in runs}
+        keyed = {r.correlation_key: r.id for r in runs if r.id not in inserted and r.correlation_key}
+        if keyed:
+            for key, existing in await self.pool.fetch(Q["live_correlation_ids"], list(keyed)):
+                result[keyed[key]] = existing
+            # Duplicates inside one batch point at the run that won.
+            winners = {r.correlation_key: result[r.id] for r in runs if r.id in inserted}
+            for r in runs:
+                if r.id not in inserted and r.correlation_key in winners:
+                    result[r.id] = winners[r.correlation_key]
+        return result
+
+    async def claim_runs(
+        self, node: str, demand: Sequence[QueueDemand], lease_ttl: float
+    ) -> list[Claimed]:
+        queues = [d.queue for d in demand if d.limit > 0]
+        limits = [d.limit for d in demand if d.limit > 0]
+        if not queues:
+            return []
+        limited = self._limited(queues)
+        if limited is None or limited:
+            # Unknown or limited queues: serialize with other claimers of those queues.
+            return await self._claim_limited(node, queues, limits, lease_ttl)
+        rows = await self._claim(self.pool, node, queues, limits, lease_ttl)
+        return rows
+
+    _limited_cache: dict[str, bool] | None = None
+    _limited_checked_at: float = 0.0
+
+    def _limited(self, queues: list[str]) -> list[str] | None:
+        cache = self._limited_cache
+        loop = asyncio.get_running_loop()
+        if cache is None or loop.time() - self._limited_checked_at > 5.0:
+            return None
+        if any(q not in cache for q in queues):
+            return None
+        return [q for q in queues if cache[q]]
+
+    async def _claim_limited(
+        self, node: str, queues: list[str], limits: list[int], lease_ttl: float
+    ) -> list[Claimed]:
+        async with self.pool.acquire() as con:
+            limited = {r["name"] for r in await con.fetch(Q["limited_queues"], queues)}
+            self._limited_cache = {q: q in limited for q in queues}
+            self._limited_checked_at = asyncio.get_running_loop().time()
+            if not limited:
+                return await self._claim(con, node, queues, limits, lease_ttl)
+            async with con.transaction():
+                for queue in sorted(limited):
+                    await con.execute(Q["lock_queue"], queue)
+                free = {r["name"]: r["free"] for r in await con.fetch(Q["queue_free_slots"], queues)}
+                limits = [min(n, max(0, free.get(q, n))) for q, n in zip(queues, limits, strict=True)]
+                return await self._claim(con, node, queues, limits, lease_ttl)
+
+    async def _claim(
+        self,
+        con: asyncpg.Pool | asyncpg.Connection,
+        node: str,
+        queues: list[str],
+        limits: list[int],
+        lease_ttl: float,
+    ) -> list[Claimed]:
+        for _ in range(3):
+            try:
+                rows = await con.fetch(Q["claim_runs"], queues, limits, node, lease_ttl)
+                break
+            except asyncpg.UniqueViolationError:
+                # Another node claimed a run with the same concurrency key at the same
+                # moment; the index refused ours and nothing was written. Try again.
+                continue
+        else:
+            return []
+        loads = payload.loads
+        return [
+            Claimed(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows
+        ]
+
+    async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
+        rows = await self.pool.fetch(
+            Q["commit_outcomes"],
+            [o.id for o in outcomes],
+            [o.fence for o in outcomes],
+            [o.state for o in outcomes],
+            [o.output for o in outcomes],
+            [o.error for o in outcomes],
+            [o.run_at for o in outcomes],
+            [1 if o.refund_attempt else 0 for o in outcomes],
+        )
+        return {r[0] for r in rows}
+
+    async def extend_leases(
+        self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
+    ) -> set[str]:
+        rows = await self.pool.fetch(
+            Q["extend_leases"], [h[0] for h in held], [h[1] for h in held], node, lease_ttl
+        )
+        return {r[0] for r in rows}
+
+    async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
+        async with self.pool.acquire() as con:
+            rows = await con.fetch(Q["promote_due"], limit)
+            queues = sorted({r[0] for r in rows})
+            if queues:
+                await con.execute(Q["notify"], ",".join(queues))
+            nxt = await con.fetchval(Q["next_due"])
+        return queues, nxt
+
+    async def reap_expired(self, limit: int) -> list[tuple[str, str]]:
+        rows = await self.pool.fetch(Q["reap_expired"], limit)
+        queues = sorted({r["queue"] for r in rows if r["state"] == "available"})
+        if queues:
+            await self.notify(",".join(queues))
+        return [(r["id"], r["state"]) for r in rows]
+
+    async def delete_terminal(self, finished_before: datetime, limit: int) -> int:
+        status = await self.pool.execute(Q["delete_terminal"], finished_before, limit)
+        return int(status.split()[-1])
+
+    async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
+        return int(await self.pool.fetchval(Q["pending_before"], list(queues), moment))
+
+    async def get_run(self, run_id: str) -> Run | None:
+        runs = await self.get_runs([run_id])
+        return runs[0] if runs else None
+
+    async def get_runs(self, run_ids: Sequence[str]) -> list[Run]:
+        return [_run(r) for r in await self.pool.fetch(Q["get_runs"], list(run_ids))]
+
+    async def list_runs(
+        self,
+        *,
+        state: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        before_id: str | None = None,
+    ) -> list[Run]:
+        rows = await self.pool.fetch(Q["list_runs"], state, queue, name, before_id, limit)
+        return [_run(r) for r in rows]
+
+    async def cancel_run(self, run_id: str) -> Run | None:
+        await self.pool.fetch(Q["cancel_run"], run_id)
+        return await self.get_run(run_id)
+
+    async def retry_run(self, run_id: str) -> Run | None:
+        try:
+            row = await self.pool.fetchrow(Q["retry_run"], run_id)
+        except asyncpg.UniqueViolationError:
+            raise MainspringError(
+                f"cannot retry run {run_id}: another live run holds its correlation key"
+            ) from None
+        if row:
+            await self.notify(row["queue"])
+        return await self.get_run(run_id)
+
+    async def running_with_key(self, concurrency_key: str) -> Run | None:
+        row = await self.pool.fetchrow(Q["running_with_key"], concurrency_key)
+        return _run(row) if row else None
+
+    async def queue_status(self, queue: str) -> QueueStatus:
+        counts = {r[0]: r[1] for r in await self.pool.fetch(Q["queue_counts"], queue)}
+        limit = await self.pool.fetchval(Q["queue_limit"], queue)
+        return QueueStatus(queue, limit, counts)
+
+    async def set_queue_limits(self, limits: dict[str, int | None]) -> None:
+        async with self.pool.acquire() as con:
+            for name, limit in limits.items():
+                await con.execute(Q["set_queue_limit"], name, limit)
+        self._limited_cache = None
+
+    async def heartbeat_node(
+        self, name: str, queues: Sequence[str], tasks: Sequence[str], concurrency: int, status: str
+    ) -> None:
+        await self.pool.execute(
+            Q["heartbeat_node"],
+            name,
+            payload.dumps(list(queues)),
+            payload.dumps(list(tasks)),
+            concurrency,
+            status,
+        )
+
+    async def remove_node(self, name: str) -> None:
+        await self.pool.execute(Q["remove_node"], name)
+
+    async def list_nodes(self, alive_within: float) -> list[NodeInfo]:
+        rows = await self.pool.fetch(Q["list_nodes"], alive_within)
+        return [
+            NodeInfo(
+                name=r["name"],
+                started_at=r["started_at"],
+                heartbeat_at=r["heartbeat_at"],
+                queues=payload.loads(r["queues"]),
+                tasks=payload.loads(r["tasks"]),
+                concurrency=r["concurrency"],
+                status=r["status"],
+                alive=r["alive"],
+            )
+            for r in rows
+        ]
+
+    async def prune_nodes(self, dead_after: float) -> list[str]:
+        return [r[0] for r in await self.pool.fetch(Q["prune_nodes"], dead_after)]
+
+    async def notify(self, payload_text: str) -> None:
+        await self.pool.execute(Q["notify"], payload_text)
+
+    async def listen(self, callback: Callable[[str], None]) -> bool:
+        """Listen on a dedicated connection; a lost connection is re-established by the caller."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+
+        def on_notify(_con: Any, _pid: int, _channel: str, text: str) -> None:
+            callback(text)
+
+        self._listener = await asyncpg.connect(self.url)
+        await self._listener.add_listener(CHANNEL, on_notify)
+        return True
+
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def changed(self) -> bool:
+        return False
+
+    async def execute_script(self, sql: str) -> None:
+        await self.pool.execute(sql)
+
+    async def fetch_value(self, sql: str, *args: Any) -> Any:
+        return await self.pool.fetchval(sql, *args)

@@ -1,0 +1,65 @@
+"""Named engine events with handlers a user can attach.
+
+Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
+run.cancelled, run.lease_lost, run.released, node.up, node.down, node.loop_crashed.
+A handler receives (event_name, metadata dict). A handler that raises is
+logged and never breaks the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("mainspring.telemetry")
+
+Handler = Callable[[str, dict[str, Any]], None]
+
+EVENTS = (
+    "run.enqueued",
+    "run.claimed",
+    "run.completed",
+    "run.failed",
+    "run.retried",
+    "run.cancelled",
+    "run.lease_lost",
+    "run.released",
+    "node.up",
+    "node.down",
+    "node.loop_crashed",
+)
+
+
+class Telemetry:
+    """A registry of event handlers; `emit` costs one dict lookup when nobody listens."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, list[Handler]] = {}
+
+    def attach(self, event: str, handler: Handler) -> Callable[[], None]:
+        """Call `handler(event, metadata)` on every `event` ('*' for all); returns a detach function."""
+        if event != "*" and event not in EVENTS:
+            raise ValueError(f"unknown telemetry event {event!r}; known events: {', '.join(EVENTS)}")
+        self._handlers.setdefault(event, []).append(handler)
+
+        def detach() -> None:
+            handlers = self._handlers.get(event, [])
+            if handler in handlers:
+                handlers.remove(handler)
+
+        return detach
+
+    def listening(self, event: str) -> bool:
+        return bool(self._handlers.get(event) or self._handlers.get("*"))
+
+    def emit(self, event: str, **metadata: Any) -> None:
+        handlers = self._handlers.get(event)
+        star = self._handlers.get("*")
+        if not handlers and not star:
+            return
+        for handler in (handlers or []) + (star or []):
+            try:
+                handler(event, metadata)
+            except Exception:
+                log.exception("telemetry handler %r failed on %s; ignored", handler, event)
