@@ -111,9 +111,9 @@ def test_handler_exception_becomes_remote_error_and_worker_survives() -> None:
 
             with pytest.raises(RemoteError, match="could not be pickled"):
                 await pool.run(T + "unpicklable", (), {}, None)
-            with pytest.raises(RemoteError, match="^ModuleNotFoundError"):
+            with pytest.raises(RemoteError, match=r"^ModuleNotFoundError"):
                 await pool.run("no_such_module_for_procpool:f", (), {}, None)
-            with pytest.raises(RemoteError, match="^AttributeError"):
+            with pytest.raises(RemoteError, match=r"^AttributeError"):
                 await pool.run(T + "missing", (), {}, None)
             with pytest.raises(ConfigError):
                 await pool.run("no colon here", (), {}, None)
@@ -168,7 +168,7 @@ def test_timeout_kills_and_replaces_the_worker() -> None:
         async with ProcessPool(1) as pool:
             victim = await pool.run(T + "pid", (), {}, None)
             started = time.monotonic()
-            with pytest.raises(TaskTimeout, match="timeout of 0.3s") as info:
+            with pytest.raises(TaskTimeout, match=r"timeout of 0\.3s") as info:
                 await pool.run(T + "sleep_for", (30,), {}, 0.3)
             assert isinstance(info.value, TimeoutError)
             assert time.monotonic() - started < 3
@@ -320,5 +320,3 @@ def test_invalid_configuration() -> None:
             await pool.start()
 
     run(main)
-
-

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
+
+_lock = threading.Lock()
+_last = [0, 0]  # last unix ms, last 12-bit counter
 
 
 def _format(value: int) -> str:
@@ -28,8 +32,21 @@ def _v7(unix_ms: int, random80: int) -> str:
 
 
 def uuid7() -> str:
-    """A new random UUIDv7 (RFC 9562) as a lowercase string."""
-    return _v7(time.time_ns() // 1_000_000, int.from_bytes(os.urandom(10), "big"))
+    """A new UUIDv7 (RFC 9562): ids made by one process sort in the order they were made.
+
+    Within one millisecond the 12-bit rand_a field counts up (RFC 9562 method 1).
+    """
+    rand = int.from_bytes(os.urandom(10), "big")
+    with _lock:
+        now = time.time_ns() // 1_000_000
+        if now <= _last[0]:
+            now, counter = _last[0], _last[1] + 1
+            if counter > 0xFFF:
+                now, counter = now + 1, 0
+        else:
+            counter = (rand >> 62) & 0x7FF  # random start, leaving room to count up
+        _last[0], _last[1] = now, counter
+    return _v7(now, (counter << 62) | (rand & ((1 << 62) - 1)))
 
 
 def uuid7_for(unix_seconds: float, *parts: str) -> str:

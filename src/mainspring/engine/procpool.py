@@ -579,6 +579,8 @@ class ProcessPool:
                 # It died while idle and its reader thread is about to report it: wait for
                 # that (it starts a successor) rather than failing a call on a dead process.
                 await asyncio.wait([worker.exited])
+                if self._state != "running":
+                    raise PoolClosed("process pool was closed")
             if worker is None:
                 try:
                     worker = self._spawn()

@@ -118,6 +118,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
         self._closing = False
+        self.started = asyncio.Event()
         self._push = False
         self._threads: ThreadPoolExecutor | None = None
         self._procpool: ProcessPool | None = None
@@ -195,6 +196,7 @@ class Worker:
                     loop.add_signal_handler(sig, self.stop)
         log.info("node %s up: queues %s, concurrency %d", self.name, self.queues, self.concurrency)
         self.telemetry.emit("node.up", node=self.name, queues=self.queues)
+        self.started.set()
 
     async def _shutdown(self) -> None:
         if self.install_signal_handlers:
