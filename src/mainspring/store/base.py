@@ -158,6 +158,10 @@ class Store(abc.ABC):
         """The running run holding a concurrency key, if any."""
 
     @abc.abstractmethod
+    async def count_ahead(self, run: Run) -> int:
+        """How many available runs of the same queue will be claimed before this one."""
+
+    @abc.abstractmethod
     async def queue_status(self, queue: str) -> QueueStatus:
         """A queue's global limit and run counts by state."""
 

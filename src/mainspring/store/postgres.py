@@ -301,6 +301,11 @@ class PostgresStore(Store):
         row = await self.pool.fetchrow(Q["running_with_key"], concurrency_key)
         return _run(row) if row else None
 
+    async def count_ahead(self, run: Run) -> int:
+        return int(
+            await self.pool.fetchval(Q["count_ahead"], run.queue, run.priority, run.run_at, run.id)
+        )
+
     async def queue_status(self, queue: str) -> QueueStatus:
         counts = {r[0]: r[1] for r in await self.pool.fetch(Q["queue_counts"], queue)}
         limit = await self.pool.fetchval(Q["queue_limit"], queue)

@@ -362,6 +362,15 @@ class SqliteStore(Store):
         rows = await self._call(self._fetch, "running_with_key", {"key": concurrency_key})
         return _run(rows[0]) if rows else None
 
+    async def count_ahead(self, run: Run) -> int:
+        params = {
+            "queue": run.queue,
+            "priority": run.priority,
+            "run_at": run.run_at.timestamp(),
+            "id": run.id,
+        }
+        return int((await self._call(self._fetch, "count_ahead", params))[0][0])
+
     async def queue_status(self, queue: str) -> QueueStatus:
         counts = {r[0]: r[1] for r in await self._call(self._fetch, "queue_counts", {"queue": queue})}
         limit_rows = await self._call(self._fetch, "queue_limit", {"queue": queue})

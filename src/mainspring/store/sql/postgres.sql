@@ -202,6 +202,12 @@ RETURNING id, queue
 -- The running run that holds a concurrency key.
 SELECT * FROM ms_runs WHERE concurrency_key = $1 AND state = 'running'
 
+-- count_ahead --
+-- Available runs of queue $1 that claim order puts before (priority $2, run_at $3, id $4).
+SELECT count(*) FROM ms_runs
+WHERE state = 'available' AND queue = $1
+  AND (priority > $2 OR (priority = $2 AND (run_at, id) < ($3, $4)))
+
 -- queue_counts --
 -- Runs of a queue by state.
 SELECT state, count(*) FROM ms_runs WHERE queue = $1 GROUP BY state

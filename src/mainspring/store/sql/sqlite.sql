@@ -151,6 +151,13 @@ RETURNING id, queue
 -- The running run that holds a concurrency key.
 SELECT * FROM ms_runs WHERE concurrency_key = :key AND state = 'running'
 
+-- count_ahead --
+-- Available runs of :queue that claim order puts before (:priority, :run_at, :id).
+SELECT count(*) FROM ms_runs
+WHERE state = 'available' AND queue = :queue
+  AND (priority > :priority OR (priority = :priority AND (run_at < :run_at
+       OR (run_at = :run_at AND id < :id))))
+
 -- queue_counts --
 -- Runs of a queue by state.
 SELECT state, count(*) FROM ms_runs WHERE queue = :queue GROUP BY state
