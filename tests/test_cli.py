@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -150,7 +151,7 @@ def test_worker_command_runs_the_app_in_burst_mode(
     handle = hello.enqueue("world")
     out = subprocess.run(
         [*entry, "worker", "--app", "cli_app:app", "--burst", "--queues", "cli"],
-        capture_output=True, text=True, timeout=60, cwd=str(__import__("pathlib").Path(__file__).parent),
+        capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parent),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert handle.result(timeout=5) == "hello world"

@@ -302,6 +302,8 @@ class App:
     @overload
     def task(
         self,
+        fn: None = None,
+        /,
         *,
         name: str | None = None,
         queue: str = "default",
@@ -314,7 +316,7 @@ class App:
 
     def task(
         self,
-        fn: Callable[P, R] | None = None,
+        fn: Any = None,
         /,
         *,
         name: str | None = None,
@@ -324,10 +326,10 @@ class App:
         timeout: float | None = None,
         backoff: Backoff | None = None,
         executor: Executor | None = None,
-    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+    ) -> Any:
         """Register a function as a task (async functions run on the loop, sync ones in threads)."""
 
-        def register(func: Callable[P, R]) -> Task[P, R]:
+        def register(func: Callable[..., Any]) -> Task[..., Any]:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is already registered")

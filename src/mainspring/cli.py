@@ -30,7 +30,9 @@ def load_app(spec: str) -> App:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="--app") from exc
+        raise click.BadParameter(
+            f"cannot import {module_name!r}: {exc}", param_hint="--app"
+        ) from exc
     if attr:
         app = getattr(module, attr, None)
     else:
@@ -98,7 +100,9 @@ def main(ctx: click.Context, app_spec: str | None, url: str | None, verbose: boo
 @click.option("--concurrency", type=int, default=50, show_default=True)
 @click.option("--burst", is_flag=True, help="Exit when no work is left.")
 @pass_ctx
-def worker(ctx: Ctx, app_spec: str | None, queues: str | None, concurrency: int, burst: bool) -> None:
+def worker(
+    ctx: Ctx, app_spec: str | None, queues: str | None, concurrency: int, burst: bool
+) -> None:
     """Run a worker node until SIGTERM/SIGINT (graceful drain)."""
     if app_spec:
         ctx.app_spec = app_spec
@@ -249,7 +253,9 @@ def bench() -> None:
 @click.option("--url", "bench_url", help="Server URL for postgres (default: local server).")
 @click.option("--jobs", type=int, default=20_000, show_default=True)
 @click.option("--concurrency", type=int, default=200, show_default=True)
-@click.option("--pending", type=int, default=0, help="Also measure claim cost with this many pending.")
+@click.option(
+    "--pending", type=int, default=0, help="Also measure claim cost with this many pending."
+)
 @click.option("--peers/--no-peers", default=True, help="Run PgQueuer and Procrastinate too.")
 @click.option("--rss/--no-rss", default=True, help="Measure worker RSS with 100k pending.")
 @format_option

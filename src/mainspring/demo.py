@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +19,7 @@ from rich.table import Table
 import mainspring as ms
 
 
-def build_app(url: str) -> tuple[ms.App, ms.Task[..., dict[str, object]]]:
+def build_app(url: str) -> tuple[ms.App, ms.Task[..., Any]]:
     app = ms.App(url, shutdown_grace=5.0)
 
     @app.task(queue="mail", max_attempts=3, backoff=ms.Backoff.exponential(base=0.05))

@@ -38,9 +38,14 @@ class Telemetry:
         self._handlers: dict[str, list[Handler]] = {}
 
     def attach(self, event: str, handler: Handler) -> Callable[[], None]:
-        """Call `handler(event, metadata)` on every `event` ('*' for all); returns a detach function."""
+        """Call `handler(event, metadata)` on each `event` ("*": every event).
+
+        Returns a function that detaches the handler.
+        """
         if event != "*" and event not in EVENTS:
-            raise ValueError(f"unknown telemetry event {event!r}; known events: {', '.join(EVENTS)}")
+            raise ValueError(
+                f"unknown telemetry event {event!r}; known events: {', '.join(EVENTS)}"
+            )
         self._handlers.setdefault(event, []).append(handler)
 
         def detach() -> None:

@@ -402,9 +402,7 @@ async def _bench_pgqueuer(opts: _Options, dsn: str) -> _Rates:
         rates.process_per_s = _rate(jobs, completion.done_at - started)
 
         left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
-        done = await conn.fetchval(
-            "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"
-        )
+        done = await conn.fetchval("SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'")
         _check_counts(completion, int(done), int(left))
     finally:
         for c in (conn, *worker_conns):

@@ -44,12 +44,12 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
                 f"{run.error.get('type')}: {run.error.get('message')}; this is the retry"
             )
         reasons.extend(_queue_service(run, live))
-        return Explanation(run, f"scheduled for later: {run.run_at.isoformat()} ({_ago(run.run_at, now)})",
-                           reasons)  # fmt: skip
+        when = f"{run.run_at.isoformat()} ({_ago(run.run_at, now)})"
+        return Explanation(run, f"scheduled for later: {when}", reasons)
     if run.state == RUNNING:
         owner = next((n for n in nodes if n.name == run.lease_owner), None)
-        status = "alive" if owner and owner.alive else "not heartbeating (presumed dead)"
-        verdict = f"running: leased by node {run.lease_owner} ({status})"
+        health = "alive" if owner and owner.alive else "not heartbeating (presumed dead)"
+        verdict = f"running: leased by node {run.lease_owner} ({health})"
         reasons = []
         if run.lease_expires_at:
             if run.lease_expires_at > now:
@@ -77,7 +77,8 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
     running = status.counts.get(RUNNING, 0)
     if status.global_limit is not None and running >= status.global_limit:
         blockers.append(
-            f"queue {run.queue!r} is at its global limit: {running} running of {status.global_limit}"
+            f"queue {run.queue!r} is at its global limit: "
+            f"{running} running of {status.global_limit}"
         )
     serving = [n for n in live if run.queue in n.queues]
     capacity = sum(n.concurrency for n in serving)
@@ -87,10 +88,11 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
         )
     ahead = await store.count_ahead(run)
     if blockers:
-        return Explanation(run, "available but blocked", blockers + [f"{ahead} runs ahead of it"])
+        return Explanation(run, "available but blocked", [*blockers, f"{ahead} runs ahead of it"])
     return Explanation(
         run,
-        "available and ready: a worker will claim it next" if ahead == 0
+        "available and ready: a worker will claim it next"
+        if ahead == 0
         else f"available and ready: {ahead} runs ahead of it in queue {run.queue!r}",
         [f"priority {run.priority}, waiting since {run.run_at.isoformat()}"],
     )
@@ -113,5 +115,7 @@ def _terminal(run: Run, now: datetime) -> Explanation:
     if run.state == "completed":
         return Explanation(run, f"completed{when} after {run.attempt} attempt(s)")
     error = run.error or {}
-    reason = f"{error.get('type', '?')}: {error.get('message', '')}" if error else "no error recorded"
+    reason = (
+        f"{error.get('type', '?')}: {error.get('message', '')}" if error else "no error recorded"
+    )
     return Explanation(run, f"{run.state}{when} after {run.attempt} attempt(s)", [reason])

@@ -33,7 +33,9 @@ async def supervise(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("loop %s failed (%s: %s); retrying in %.1fs", name, type(exc).__name__, exc, backoff)
+            log.warning(
+                "loop %s failed (%s: %s); retrying in %.1fs", name, type(exc).__name__, exc, backoff
+            )
             telemetry.emit("node.loop_crashed", loop=name, error=repr(exc))
             on_crash(name, exc)
             await asyncio.sleep(backoff)

@@ -444,7 +444,7 @@ class ProcessPool:
         target: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        timeout: float | None,  # noqa: ASYNC109 - limits the handler, not the wait for a worker
+        timeout: float | None,
     ) -> Any:
         """Call ``target(*args, **kwargs)`` in a worker process and return its result.
 

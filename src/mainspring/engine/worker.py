@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mainspring import payload
 from mainspring.context import RunContext, _current
 from mainspring.engine.loops import supervise, wait_event
-from mainspring.errors import TaskTimeout
+from mainspring.errors import EncodeError, TaskTimeout
 from mainspring.ids import uuid7_for
 from mainspring.run import (
     AVAILABLE,
@@ -68,7 +68,11 @@ def default_node_name() -> str:
 
 def error_info(exc: BaseException, attempt: int) -> dict[str, Any]:
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
     tb = getattr(exc, "traceback", None) or "".join(
         traceback.format_exception(kind, exc, exc.__traceback__)
     )
@@ -94,8 +98,10 @@ class Worker:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.app = app
         self.name = name or app.node_name or default_node_name()
-        served = list(queues) if queues else sorted(
-            {t.queue for t in app.tasks.values()} | set(app.queues)
+        served = (
+            list(queues)
+            if queues
+            else sorted({t.queue for t in app.tasks.values()} | set(app.queues))
         )
         self.queues: list[str] = served or ["default"]
         self.concurrency = concurrency
@@ -239,8 +245,10 @@ class Worker:
             if free <= 0:
                 break
             config = self.app.queues.get(queue)
-            room = free if config is None or config.concurrency is None else min(
-                free, config.concurrency - self._running[queue]
+            room = (
+                free
+                if config is None or config.concurrency is None
+                else min(free, config.concurrency - self._running[queue])
             )
             n = min(room, share if len(queues) > 1 else free)
             if n > 0:
@@ -370,7 +378,7 @@ class Worker:
 
     def _failure(self, run: Claimed, task: Task[..., Any] | None, exc: BaseException) -> Outcome:
         info = error_info(exc, run.attempt)
-        if isinstance(exc, payload.EncodeError):
+        if isinstance(exc, EncodeError):
             info["message"] = f"the return value of task {run.name} is not JSON encodable: {exc}"
         error = payload.dumps(info)
         if run.attempt >= run.max_attempts:
@@ -393,7 +401,12 @@ class Worker:
             f"no live node knows task {run.name!r}: register it with @app.task on the workers "
             f"of queue {run.queue!r} (this node, {self.name}, knows {len(self.app.tasks)} tasks)"
         )
-        info = {"type": "UnknownTask", "message": message, "traceback": None, "attempt": run.attempt}
+        info = {
+            "type": "UnknownTask",
+            "message": message,
+            "traceback": None,
+            "attempt": run.attempt,
+        }
         log.error(message)
         return Outcome(run.id, run.fence, FAILED, error=payload.dumps(info))
 

@@ -8,7 +8,7 @@ the interface, never inside a backend.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,7 +45,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Connect; raises BackendUnavailable with the reason when the database cannot be reached."""
+        """Connect; raises BackendUnavailable with the reason when the database is unreachable."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -147,7 +147,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def cancel_run(self, run_id: str) -> Run | None:
-        """Cancel a non-terminal run (a running one loses its lease at once); returns the row after."""
+        """Cancel a non-terminal run (a running one loses its lease at once); returns its row."""
 
     @abc.abstractmethod
     async def retry_run(self, run_id: str) -> Run | None:
@@ -166,7 +166,7 @@ class Store(abc.ABC):
         """A queue's global limit and run counts by state."""
 
     @abc.abstractmethod
-    async def set_queue_limits(self, limits: dict[str, int | None]) -> None:
+    async def set_queue_limits(self, limits: Mapping[str, int | None]) -> None:
         """Record each queue's global (cluster-wide) concurrency limit; None removes it."""
 
     # -- nodes -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -143,7 +143,9 @@ class PostgresStore(Store):
         )
         inserted = set(row["ids"]) if row else set()
         result = {r.id: r.id for r in runs}
-        keyed = {r.correlation_key: r.id for r in runs if r.id not in inserted and r.correlation_key}
+        keyed = {
+            r.correlation_key: r.id for r in runs if r.id not in inserted and r.correlation_key
+        }
         if keyed:
             for key, existing in await self.pool.fetch(Q["live_correlation_ids"], list(keyed)):
                 result[keyed[key]] = existing
@@ -192,8 +194,12 @@ class PostgresStore(Store):
             async with con.transaction():
                 for queue in sorted(limited):
                     await con.execute(Q["lock_queue"], queue)
-                free = {r["name"]: r["free"] for r in await con.fetch(Q["queue_free_slots"], queues)}
-                limits = [min(n, max(0, free.get(q, n))) for q, n in zip(queues, limits, strict=True)]
+                free = {
+                    r["name"]: r["free"] for r in await con.fetch(Q["queue_free_slots"], queues)
+                }
+                limits = [
+                    min(n, max(0, free.get(q, n))) for q, n in zip(queues, limits, strict=True)
+                ]
                 return await self._claim(con, node, queues, limits, lease_ttl)
 
     async def _claim(
@@ -311,7 +317,7 @@ class PostgresStore(Store):
         limit = await self.pool.fetchval(Q["queue_limit"], queue)
         return QueueStatus(queue, limit, counts)
 
-    async def set_queue_limits(self, limits: dict[str, int | None]) -> None:
+    async def set_queue_limits(self, limits: Mapping[str, int | None]) -> None:
         async with self.pool.acquire() as con:
             for name, limit in limits.items():
                 await con.execute(Q["set_queue_limit"], name, limit)

@@ -15,7 +15,9 @@ _NAME = re.compile(r"^-- ([a-z_][a-z0-9_]*) --\s*$")
 
 def load_queries(backend: str) -> dict[str, str]:
     """All named statements of a backend."""
-    text = resources.files("mainspring.store").joinpath("sql").joinpath(f"{backend}.sql").read_text()
+    text = (
+        resources.files("mainspring.store").joinpath("sql").joinpath(f"{backend}.sql").read_text()
+    )
     queries: dict[str, str] = {}
     name: str | None = None
     lines: list[str] = []

@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,7 +183,9 @@ class SqliteStore(Store):
             ).fetchone()
             if not exists:
                 return 0
-            return int(self.con.execute("SELECT coalesce(max(version), 0) FROM ms_schema").fetchone()[0])
+            return int(
+                self.con.execute("SELECT coalesce(max(version), 0) FROM ms_schema").fetchone()[0]
+            )
 
         return await self._call(read)
 
@@ -206,7 +208,9 @@ class SqliteStore(Store):
             out = con.execute(Q["insert_runs"], {"runs": data, "now": time.time()}).fetchall()
             live: dict[str, str] = {}
             if keys and len(out) < len(rows):
-                found = con.execute(Q["live_correlation_ids"], {"keys": orjson.dumps(keys).decode()})
+                found = con.execute(
+                    Q["live_correlation_ids"], {"keys": orjson.dumps(keys).decode()}
+                )
                 live = {k: i for k, i in found.fetchall()}
             return out, live
 
@@ -326,7 +330,9 @@ class SqliteStore(Store):
         return runs[0] if runs else None
 
     async def get_runs(self, run_ids: Sequence[str]) -> list[Run]:
-        rows = await self._call(self._fetch, "get_runs", {"ids": orjson.dumps(list(run_ids)).decode()})
+        rows = await self._call(
+            self._fetch, "get_runs", {"ids": orjson.dumps(list(run_ids)).decode()}
+        )
         return [_run(r) for r in rows]
 
     async def list_runs(
@@ -338,7 +344,13 @@ class SqliteStore(Store):
         limit: int = 50,
         before_id: str | None = None,
     ) -> list[Run]:
-        params = {"state": state, "queue": queue, "name": name, "before_id": before_id, "limit": limit}
+        params = {
+            "state": state,
+            "queue": queue,
+            "name": name,
+            "before_id": before_id,
+            "limit": limit,
+        }
         return [_run(r) for r in await self._call(self._fetch, "list_runs", params)]
 
     async def cancel_run(self, run_id: str) -> Run | None:
@@ -372,14 +384,18 @@ class SqliteStore(Store):
         return int((await self._call(self._fetch, "count_ahead", params))[0][0])
 
     async def queue_status(self, queue: str) -> QueueStatus:
-        counts = {r[0]: r[1] for r in await self._call(self._fetch, "queue_counts", {"queue": queue})}
+        counts = {
+            r[0]: r[1] for r in await self._call(self._fetch, "queue_counts", {"queue": queue})
+        }
         limit_rows = await self._call(self._fetch, "queue_limit", {"queue": queue})
         return QueueStatus(queue, limit_rows[0][0] if limit_rows else None, counts)
 
-    async def set_queue_limits(self, limits: dict[str, int | None]) -> None:
+    async def set_queue_limits(self, limits: Mapping[str, int | None]) -> None:
         def write(con: sqlite3.Connection) -> None:
             for name, limit in limits.items():
-                con.execute(Q["set_queue_limit"], {"queue": name, "limit": limit, "now": time.time()})
+                con.execute(
+                    Q["set_queue_limit"], {"queue": name, "limit": limit, "now": time.time()}
+                )
 
         await self._call(self._tx, write)
 
@@ -420,7 +436,9 @@ class SqliteStore(Store):
         ]
 
     async def prune_nodes(self, dead_after: float) -> list[str]:
-        rows = await self._call(self._fetch, "prune_nodes", {"now": time.time(), "after": dead_after})
+        rows = await self._call(
+            self._fetch, "prune_nodes", {"now": time.time(), "after": dead_after}
+        )
         return [r[0] for r in rows]
 
     # -- wake-ups ------------------------------------------------------------------

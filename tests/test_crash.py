@@ -1,0 +1,376 @@
+"""The engine's guarantees under real process failures.
+
+Every test runs real worker processes (`tests/crash_app.py`) against a real
+database and then breaks them: SIGKILL mid-batch, SIGSTOP past the lease, a
+PostgreSQL restart, SIGTERM with long handlers. The handlers append one JSON
+line per start/finish (and per telemetry event of interest) to a shared file,
+so a test can tell which process executed which attempt of which run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+import mainspring as ms
+from crash_app import build
+
+pytestmark = pytest.mark.slow
+
+CRASH_APP = Path(__file__).with_name("crash_app.py")
+TTL = 2.0  # lease TTL of every node: the reaper runs every TTL / 2 s
+
+T = TypeVar("T")
+
+
+class Nodes:
+    """Worker processes of one test, their shared record file and their logs."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.record_file = tmp_path / "records.jsonl"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(
+        self,
+        url: str,
+        node: str,
+        *,
+        concurrency: int = 10,
+        ttl: float = TTL,
+        grace: float = 1.0,
+        hold: float | None = None,
+    ) -> subprocess.Popen[bytes]:
+        env = dict(
+            os.environ,
+            CRASH_URL=url,
+            CRASH_NODE=node,
+            CRASH_TTL=str(ttl),
+            CRASH_GRACE=str(grace),
+            CRASH_CONCURRENCY=str(concurrency),
+            CRASH_LOG=str(self.record_file),
+            PYTHONUNBUFFERED="1",
+        )
+        env.pop("CRASH_HOLD", None)
+        if hold is not None:
+            env["CRASH_HOLD"] = str(hold)
+        with open(self.dir / f"{node}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(CRASH_APP)],
+                env=env,
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[node] = proc
+        return proc
+
+    def records(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """The recorded lines (complete ones only), optionally filtered."""
+        try:
+            text = self.record_file.read_text()
+        except FileNotFoundError:
+            return []
+        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+        return [
+            r
+            for r in lines
+            if (event is None or r["event"] == event)
+            and all(r.get(k) == v for k, v in match.items())
+        ]
+
+    def log(self, node: str) -> str:
+        path = self.dir / f"{node}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self, tail: int = 40) -> str:
+        parts = []
+        for node in self.procs:
+            lines = self.log(node).splitlines()[-tail:]
+            parts.append(f"--- {node} (last {len(lines)} lines) ---\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    def cleanup(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    cluster = Nodes(tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def client(db_url: str) -> Iterator[ms.App]:
+    """The test's own client App (it creates the schema on first use)."""
+    app = build(db_url, lease_ttl=TTL)
+    yield app
+    app.close()
+
+
+def wait_until(
+    check: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    nodes: Nodes | None = None,
+    interval: float = 0.05,
+) -> T:
+    """Poll `check` until it returns something truthy; fail with the workers' logs on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = f"\n{nodes.logs()}" if nodes else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{logs}")
+        time.sleep(interval)
+
+
+def runs_by_id(app: ms.App, limit: int) -> dict[str, ms.Run]:
+    return {r.id: r for r in app.list_runs(limit=limit)}
+
+
+def all_completed(app: ms.App, ids: set[str]) -> dict[str, ms.Run] | None:
+    runs = runs_by_id(app, len(ids) + 10)
+    if runs.keys() == ids and all(r.state == "completed" for r in runs.values()):
+        return runs
+    return None
+
+
+# -- 1. SIGKILL ------------------------------------------------------------------------
+
+
+def test_sigkill_mid_batch_loses_no_run(db_url: str, client: ms.App, nodes: Nodes) -> None:
+    n = 300
+    work = client.tasks["crash.work"]
+    ids = {h.id for h in client.enqueue_many(work.call(i, 0.03) for i in range(n))}
+    assert len(ids) == n
+
+    a = nodes.start(db_url, "A", concurrency=8)
+    wait_until(lambda: len(nodes.records("done", node="A")) >= 60, 30, "A to finish 60 runs", nodes)
+    a.send_signal(signal.SIGKILL)
+    assert a.wait(timeout=10) == -signal.SIGKILL
+
+    at_kill = runs_by_id(client, n + 10)
+    held = {i for i, r in at_kill.items() if r.state == "running"}
+    done_by_a = {i for i, r in at_kill.items() if r.state == "completed"}
+    waiting = {i for i, r in at_kill.items() if r.state == "available"}
+    assert held, "A held no run when it was killed: the test proves nothing"
+    assert waiting, "A finished everything before it was killed: the test proves nothing"
+    assert held | done_by_a | waiting == ids
+    assert {at_kill[i].lease_owner for i in held} == {"A"}
+
+    nodes.start(db_url, "B", concurrency=8)
+    final = wait_until(lambda: all_completed(client, ids), 40, "every run completed", nodes)
+
+    a_starts = Counter(r["id"] for r in nodes.records("start", node="A"))
+    b_starts = Counter(r["id"] for r in nodes.records("start", node="B"))
+    done = {(r["id"], r["node"], r["attempt"]) for r in nodes.records("done")}
+    assert max(a_starts.values()) == 1 and max(b_starts.values()) == 1
+
+    for run_id, run in final.items():
+        out = run.output
+        # The committed output is the output of one execution that really happened.
+        assert (run_id, out["node"], out["attempt"]) in done
+        assert out["attempt"] == run.attempt
+        assert run.lease_owner is None and run.finished_at is not None
+    # Completed before the kill: committed once, never executed again.
+    for run_id in done_by_a:
+        assert final[run_id].attempt == 1 and final[run_id].output["node"] == "A"
+        assert run_id not in b_starts
+    # Held by A when it died: reclaimed after the lease and re-executed by B (at least once).
+    for run_id in held:
+        assert a_starts[run_id] == 1, "A held a run it never started"
+        assert final[run_id].attempt == 2 and final[run_id].output["node"] == "B"
+        assert b_starts[run_id] == 1
+    # Still waiting at the kill: B's first attempt.
+    for run_id in waiting:
+        assert run_id not in a_starts
+        assert final[run_id].attempt == 1 and final[run_id].output["node"] == "B"
+    assert set(b_starts) == held | waiting
+
+
+# -- 2. SIGSTOP past the lease ----------------------------------------------------------------
+
+
+def test_paused_worker_late_commit_is_fenced(db_url: str, client: ms.App, nodes: Nodes) -> None:
+    stall = 3.0  # first attempt's handler time; A is frozen for longer than this
+    handle = client.tasks["crash.stall_first"].enqueue(stall)
+    a = nodes.start(db_url, "A")
+    first = wait_until(
+        lambda: nodes.records("start", id=handle.id, node="A"), 20, "A to start the run", nodes
+    )
+    started = time.monotonic()
+    assert first[0]["attempt"] == 1
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        nodes.start(db_url, "B")
+        won = wait_until(
+            lambda: (r := client.get_run(handle.id)).state == "completed" and r,
+            15,
+            "B to reclaim and complete the run",
+            nodes,
+        )
+        assert won.output["node"] == "B" and won.attempt == 2
+        # Keep A frozen until its handler's sleep is over, so on resume the handler returns
+        # at once and its outcome races the lease loop: either way the fence must refuse it.
+        time.sleep(max(0.0, stall + 0.5 - (time.monotonic() - started)))
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+
+    lost = wait_until(
+        lambda: nodes.records("run.lease_lost", id=handle.id, node="A"),
+        10,
+        "A to learn that it lost the run",
+        nodes,
+    )
+    time.sleep(TTL + 1.0)  # room for a wrong commit, a reap or a third attempt to show up
+    final = client.get_run(handle.id)
+    assert final.state == "completed"
+    assert final.output == won.output and final.output["node"] == "B"
+    assert final.attempt == 2 and final.fence == won.fence
+    assert final.finished_at == won.finished_at
+    starts = [(r["node"], r["attempt"]) for r in nodes.records("start", id=handle.id)]
+    assert starts == [("A", 1), ("B", 2)], "the run was executed a third time"
+    assert a.poll() is None, f"A died after it was resumed\n{nodes.logs()}"
+    path = "commit refused by the fence" if "state" in lost[0] else "lease loop noticed"
+    print(f"A's late outcome was rejected: {path} ({lost[0]})")
+
+
+# -- 3. PostgreSQL restart --------------------------------------------------------------------
+
+
+def _pg_version() -> str:
+    versions = sorted(glob.glob("/etc/postgresql/*"), key=lambda p: float(os.path.basename(p)))
+    if not versions:
+        pytest.skip("no local PostgreSQL cluster under /etc/postgresql to restart")
+    return os.path.basename(versions[-1])
+
+
+def _pg_ctl(version: str, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _completed_or_none(pg_url: str, ids: set[str]) -> dict[str, ms.Run] | None:
+    """A fresh client per poll: a connection may still be broken right after the restart."""
+    app = build(pg_url, lease_ttl=TTL)
+    try:
+        return all_completed(app, ids)
+    except Exception:
+        return None
+    finally:
+        try:
+            app.close()
+        except Exception:
+            pass
+
+
+def test_postgres_restart_mid_run_completes_everything(pg_url: str, nodes: Nodes) -> None:
+    version = _pg_version()
+    n = 200
+    client = build(pg_url, lease_ttl=TTL)
+    try:
+        work = client.tasks["crash.work"]
+        ids = {h.id for h in client.enqueue_many(work.call(i, 0.05) for i in range(n))}
+    finally:
+        client.close()
+
+    a = nodes.start(pg_url, "A", concurrency=5)
+    wait_until(lambda: len(nodes.records("done")) >= 30, 30, "A to finish 30 runs", nodes)
+    try:
+        restarted = _pg_ctl(version, "restart", "-m", "fast")
+        assert restarted.returncode == 0, restarted.stderr
+        done_at_restart = len({r["id"] for r in nodes.records("done")})
+        assert done_at_restart < n, "everything finished before the restart: the test proves nothing"
+        assert a.poll() is None, f"the worker died with the database\n{nodes.logs()}"
+
+        final = wait_until(
+            lambda: _completed_or_none(pg_url, ids), 60, "every run completed", nodes, 0.25
+        )
+    finally:
+        if _pg_ctl(version, "status").returncode != 0:
+            _pg_ctl(version, "start")
+
+    assert a.poll() is None, f"the worker did not survive the restart\n{nodes.logs()}"
+    done = {(r["id"], r["attempt"]) for r in nodes.records("done")}
+    for run_id, run in final.items():
+        assert run.output["node"] == "A"
+        assert (run_id, run.output["attempt"]) in done and run.output["attempt"] == run.attempt
+    log = nodes.log("A")
+    assert "WARNING" in log or "ERROR" in log, "the worker never noticed the database went away"
+
+
+# -- 4. SIGTERM --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_name", ["crash.hold", "crash.hold_async"])
+def test_sigterm_drains_and_releases(
+    db_url: str, client: ms.App, nodes: Nodes, task_name: str
+) -> None:
+    count = 4
+    task = client.tasks[task_name]
+    ids = {h.id for h in client.enqueue_many(task.call(30.0) for _ in range(count))}
+    a = nodes.start(db_url, "A", concurrency=count, grace=1.0)
+    wait_until(
+        lambda: {r["id"] for r in nodes.records("start", node="A")} == ids,
+        20,
+        "A to start every run",
+        nodes,
+    )
+
+    sent = time.monotonic()
+    a.send_signal(signal.SIGTERM)
+    try:
+        code = a.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        a.kill()
+        a.wait()
+        pytest.fail(
+            f"the worker was still alive 15 s after SIGTERM (grace 1 s)\n{nodes.logs()}"
+        )
+    took = time.monotonic() - sent
+    assert code == 0, f"exit code {code}\n{nodes.logs()}"
+    assert took < 5.0, f"the worker took {took:.1f} s to exit after SIGTERM (grace 1 s)"
+
+    released = runs_by_id(client, count + 10)
+    assert released.keys() == ids
+    for run in released.values():
+        assert run.state == "available", f"{run.id} is {run.state} after the drain"
+        assert run.attempt == 0, "the interrupted attempt was not refunded"
+        assert run.lease_owner is None and run.lease_expires_at is None
+    assert {r["id"] for r in nodes.records("run.released", node="A")} == ids
+
+    # Released, not abandoned: another node takes them at once, without waiting out a lease.
+    nodes.start(db_url, "B", concurrency=count, hold=0)
+    final = wait_until(lambda: all_completed(client, ids), 10, "B to finish the runs", nodes)
+    for run in final.values():
+        assert run.output["node"] == "B" and run.attempt == 1
