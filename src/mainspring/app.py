@@ -20,6 +20,7 @@ from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from mainspring import payload
 from mainspring.backoff import Backoff
+from mainspring.batching import InsertBatcher
 from mainspring.cron import Cron
 from mainspring.errors import ConfigError, RunFailed, RunNotFound
 from mainspring.ids import uuid7
@@ -289,6 +290,9 @@ class App:
         self._stores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Store] = (
             weakref.WeakKeyDictionary()
         )
+        self._inserters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InsertBatcher] = (
+            weakref.WeakKeyDictionary()
+        )
         self._migrated = False
 
     def __repr__(self) -> str:
@@ -418,6 +422,14 @@ class App:
             self._stores[loop] = store
         return store
 
+    async def _inserter(self) -> InsertBatcher:
+        loop = asyncio.get_running_loop()
+        inserter = self._inserters.get(loop)
+        if inserter is None:
+            inserter = InsertBatcher(await self.store())
+            self._inserters[loop] = inserter
+        return inserter
+
     async def open_store(self) -> Store:
         """A new open store for this loop; the caller closes it."""
         store = make_store(self.url)
@@ -435,6 +447,7 @@ class App:
 
     async def aclose(self) -> None:
         """Close the store of the running loop."""
+        self._inserters.pop(asyncio.get_running_loop(), None)
         store = self._stores.pop(asyncio.get_running_loop(), None)
         if store is not None:
             await store.close()
@@ -457,8 +470,7 @@ class App:
         runs = [call.to_new_run(now) for call in calls]
         if not runs:
             return []
-        store = await self.store()
-        actual = await store.insert_runs(runs)
+        actual = await (await self._inserter()).insert(runs)
         handles = [RunHandle(self, actual[r.id], actual[r.id] == r.id) for r in runs]
         if self.telemetry.listening("run.enqueued"):
             for run, handle in zip(runs, handles, strict=True):

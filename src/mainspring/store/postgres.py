@@ -141,7 +141,9 @@ class PostgresStore(Store):
             [r.input for r in runs],
             [r.attributes for r in runs],
         )
-        inserted = set(row["ids"]) if row else set()
+        inserted = set(row["ids"])
+        if row["wake"]:
+            await self.notify(row["wake"])
         result = {r.id: r.id for r in runs}
         keyed = {
             r.correlation_key: r.id for r in runs if r.id not in inserted and r.correlation_key

@@ -220,7 +220,7 @@ class SqliteStore(Store):
         for r in runs:
             if r.id not in inserted and r.correlation_key in live:
                 result[r.id] = live[r.correlation_key]
-        woken = sorted({r[1] for r in inserted_rows if r[2] == "available"})
+        woken = sorted({r[1] if r[2] == "available" else "~timer" for r in inserted_rows})
         if woken:
             await self.notify(",".join(woken))
         return result

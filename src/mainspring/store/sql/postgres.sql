@@ -3,8 +3,11 @@
 
 -- insert_runs --
 -- Insert a batch of runs (arrays, one element per run); duplicates of a live
--- correlation_key or an existing id are skipped. Wakes listeners of queues
--- that got available work. Returns the ids actually inserted.
+-- correlation_key or an existing id are skipped. Returns the ids inserted and
+-- the wake-up to send: queues that got available work, '~timer' for scheduled
+-- runs. (The NOTIFY goes out after this commits: NOTIFY inside the insert would
+-- hold PostgreSQL's global notify lock across the commit's fsync and serialize
+-- every concurrent enqueue.)
 WITH ins AS (
     INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                          timeout, correlation_key, concurrency_key, parent_id, input, attributes)
@@ -18,13 +21,10 @@ WITH ins AS (
               timeout, correlation_key, concurrency_key, parent_id, input, attributes)
     ON CONFLICT DO NOTHING
     RETURNING id, queue, state
-), woken AS (
-    SELECT pg_notify('mainspring', s.queues)
-    FROM (SELECT string_agg(DISTINCT queue, ',') AS queues FROM ins WHERE state = 'available') s
-    WHERE s.queues IS NOT NULL
 )
 SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
-       (SELECT count(*) FROM woken) AS woken
+       (SELECT string_agg(DISTINCT CASE WHEN state = 'available' THEN queue ELSE '~timer' END, ',')
+        FROM ins) AS wake
 
 -- live_correlation_ids --
 -- The non-terminal runs holding these correlation keys.
