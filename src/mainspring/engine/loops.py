@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from mainspring.telemetry import Telemetry
@@ -27,12 +28,15 @@ async def supervise(
     """
     backoff = 0.1
     while True:
+        started = time.monotonic()
         try:
             await loop_fn()
             return
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if time.monotonic() - started > 30:
+                backoff = 0.1  # it ran well for a while: this is a new failure, not the same one
             log.warning(
                 "loop %s failed (%s: %s); retrying in %.1fs", name, type(exc).__name__, exc, backoff
             )
