@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from mainspring import payload
 from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
 
 
@@ -31,6 +32,37 @@ class QueueStatus:
     name: str
     global_limit: int | None
     counts: dict[str, int]
+
+
+def run_from_row(row: Any, when: Callable[[Any], datetime | None]) -> Run:
+    """A Run from a full ms_runs row (mapping-like); `when` turns stored times into datetimes."""
+    loads = payload.loads
+    return Run(
+        id=row["id"],
+        kind=row["kind"],
+        name=row["name"],
+        namespace=row["namespace"],
+        queue=row["queue"],
+        state=row["state"],
+        priority=row["priority"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        run_at=when(row["run_at"]),  # type: ignore[arg-type]
+        input=loads(row["input"]),
+        output=loads(row["output"]),
+        error=loads(row["error"]),
+        correlation_key=row["correlation_key"],
+        concurrency_key=row["concurrency_key"],
+        attributes=loads(row["attributes"]) or {},
+        lease_owner=row["lease_owner"],
+        lease_expires_at=when(row["lease_expires_at"]),
+        fence=row["fence"],
+        parent_id=row["parent_id"],
+        created_at=when(row["created_at"]),  # type: ignore[arg-type]
+        started_at=when(row["started_at"]),
+        finished_at=when(row["finished_at"]),
+        updated_at=when(row["updated_at"]),  # type: ignore[arg-type]
+    )
 
 
 class Store(abc.ABC):

@@ -18,7 +18,7 @@ import asyncpg
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
 from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
-from mainspring.store.base import QueueDemand, QueueStatus, Store
+from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
 from mainspring.store.queries import load_migrations, load_queries
 
 log = logging.getLogger("mainspring.store")
@@ -28,33 +28,12 @@ CHANNEL = "mainspring"
 _MIGRATION_LOCK = 0x6D61696E  # "main"
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _run(row: asyncpg.Record) -> Run:
-    return Run(
-        id=row["id"],
-        kind=row["kind"],
-        name=row["name"],
-        namespace=row["namespace"],
-        queue=row["queue"],
-        state=row["state"],
-        priority=row["priority"],
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        run_at=row["run_at"],
-        input=payload.loads(row["input"]),
-        output=payload.loads(row["output"]),
-        error=payload.loads(row["error"]),
-        correlation_key=row["correlation_key"],
-        concurrency_key=row["concurrency_key"],
-        attributes=payload.loads(row["attributes"]) or {},
-        lease_owner=row["lease_owner"],
-        lease_expires_at=row["lease_expires_at"],
-        fence=row["fence"],
-        parent_id=row["parent_id"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        updated_at=row["updated_at"],
-    )
+    return run_from_row(row, _same)
 
 
 class PostgresStore(Store):

@@ -22,7 +22,7 @@ import orjson
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
 from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
-from mainspring.store.base import QueueDemand, QueueStatus, Store
+from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
 from mainspring.store.queries import load_migrations, load_queries
 
 Q = load_queries("sqlite")
@@ -41,32 +41,7 @@ def _epoch(value: datetime | None) -> float | None:
 
 
 def _run(row: sqlite3.Row) -> Run:
-    return Run(
-        id=row["id"],
-        kind=row["kind"],
-        name=row["name"],
-        namespace=row["namespace"],
-        queue=row["queue"],
-        state=row["state"],
-        priority=row["priority"],
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        run_at=datetime.fromtimestamp(row["run_at"], UTC),
-        input=payload.loads(row["input"]),
-        output=payload.loads(row["output"]),
-        error=payload.loads(row["error"]),
-        correlation_key=row["correlation_key"],
-        concurrency_key=row["concurrency_key"],
-        attributes=payload.loads(row["attributes"]) or {},
-        lease_owner=row["lease_owner"],
-        lease_expires_at=_ts(row["lease_expires_at"]),
-        fence=row["fence"],
-        parent_id=row["parent_id"],
-        created_at=datetime.fromtimestamp(row["created_at"], UTC),
-        started_at=_ts(row["started_at"]),
-        finished_at=_ts(row["finished_at"]),
-        updated_at=datetime.fromtimestamp(row["updated_at"], UTC),
-    )
+    return run_from_row(row, _ts)
 
 
 def path_from_url(url: str) -> str:
