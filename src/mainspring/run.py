@@ -75,6 +75,19 @@ class NewRun:
     timeout: float | None = None
     parent_id: str | None = None
 
+    @property
+    def plain(self) -> bool:
+        """True when every optional column has its default (the store's fast insert path)."""
+        return (
+            self.kind == "job"
+            and self.namespace == "default"
+            and self.correlation_key is None
+            and self.concurrency_key is None
+            and self.attributes == "{}"
+            and self.timeout is None
+            and self.parent_id is None
+        )
+
 
 @dataclass(slots=True)
 class Claimed:

@@ -17,7 +17,7 @@ import asyncpg
 
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
-from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
+from mainspring.run import AVAILABLE, SCHEDULED, Claimed, NewRun, NodeInfo, Outcome, Run
 from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
 from mainspring.store.queries import load_migrations, load_queries
 
@@ -102,27 +102,9 @@ class PostgresStore(Store):
         return int(await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM ms_schema"))
 
     async def insert_runs(self, runs: Sequence[NewRun]) -> dict[str, str]:
-        row = await self.pool.fetchrow(
-            Q["insert_runs"],
-            [r.id for r in runs],
-            [r.kind for r in runs],
-            [r.name for r in runs],
-            [r.namespace for r in runs],
-            [r.queue for r in runs],
-            [r.state for r in runs],
-            [r.priority for r in runs],
-            [r.run_at if r.state == "scheduled" else None for r in runs],
-            [r.max_attempts for r in runs],
-            [r.timeout for r in runs],
-            [r.correlation_key for r in runs],
-            [r.concurrency_key for r in runs],
-            [r.parent_id for r in runs],
-            [r.input for r in runs],
-            [r.attributes for r in runs],
-        )
-        inserted = set(row["ids"])
-        if row["wake"]:
-            await self.notify(row["wake"])
+        inserted, wake = await self._insert(runs)
+        if wake:
+            await self.notify(wake)
         result = {r.id: r.id for r in runs}
         keyed = {
             r.correlation_key: r.id for r in runs if r.id not in inserted and r.correlation_key
@@ -136,6 +118,42 @@ class PostgresStore(Store):
                 if r.id not in inserted and r.correlation_key in winners:
                     result[r.id] = winners[r.correlation_key]
         return result
+
+    async def _insert(self, runs: Sequence[NewRun]) -> tuple[set[str], str | None]:
+        """Insert with the cheapest statement that fits; returns (inserted ids, wake-up)."""
+        if len(runs) == 1:
+            r = runs[0]
+            run_at = r.run_at if r.state == SCHEDULED else None
+            row_id = await self.pool.fetchval(
+                Q["insert_run"], r.id, r.kind, r.name, r.namespace, r.queue, r.state, r.priority,
+                run_at, r.max_attempts, r.timeout, r.correlation_key, r.concurrency_key,
+                r.parent_id, r.input, r.attributes,
+            )  # fmt: skip
+            if row_id is None:
+                return set(), None
+            return {row_id}, r.queue if r.state == AVAILABLE else "~timer"
+        ids = [r.id for r in runs]
+        names = [r.name for r in runs]
+        queues = [r.queue for r in runs]
+        states = [r.state for r in runs]
+        priorities = [r.priority for r in runs]
+        run_ats = [r.run_at if r.state == SCHEDULED else None for r in runs]
+        attempts = [r.max_attempts for r in runs]
+        inputs = [r.input for r in runs]
+        if all(r.plain for r in runs):
+            row = await self.pool.fetchrow(
+                Q["insert_plain_runs"], ids, names, queues, states, priorities, run_ats, attempts,
+                inputs,
+            )  # fmt: skip
+        else:
+            row = await self.pool.fetchrow(
+                Q["insert_runs"], ids, [r.kind for r in runs], names,
+                [r.namespace for r in runs], queues, states, priorities, run_ats, attempts,
+                [r.timeout for r in runs], [r.correlation_key for r in runs],
+                [r.concurrency_key for r in runs], [r.parent_id for r in runs], inputs,
+                [r.attributes for r in runs],
+            )  # fmt: skip
+        return set(row["ids"]), row["wake"]
 
     async def claim_runs(
         self, node: str, demand: Sequence[QueueDemand], lease_ttl: float

@@ -16,7 +16,7 @@ WITH ins AS (
            i.concurrency_key, i.parent_id, i.input, i.attributes
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::timestamptz[], $9::int[], $10::float8[], $11::text[],
-                $12::text[], $13::text[], $14::jsonb[], $15::jsonb[])
+                $12::text[], $13::text[], $14::json[], $15::jsonb[])
          AS i(id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
               timeout, correlation_key, concurrency_key, parent_id, input, attributes)
     ON CONFLICT DO NOTHING
@@ -25,6 +25,33 @@ WITH ins AS (
 SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
        (SELECT string_agg(DISTINCT CASE WHEN state = 'available' THEN queue ELSE '~timer' END, ',')
         FROM ins) AS wake
+
+-- insert_plain_runs --
+-- The same for a batch whose runs all use the defaults of the other columns
+-- (job kind, default namespace, no timeout, keys, parent or attributes): the
+-- common case, with half the arrays to encode and unnest.
+WITH ins AS (
+    INSERT INTO ms_runs (id, name, queue, state, priority, run_at, max_attempts, input)
+    SELECT i.id, i.name, i.queue, i.state, i.priority, coalesce(i.run_at, now()),
+           i.max_attempts, i.input
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+                $7::int[], $8::json[])
+         AS i(id, name, queue, state, priority, run_at, max_attempts, input)
+    ON CONFLICT DO NOTHING
+    RETURNING id, queue, state
+)
+SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
+       (SELECT string_agg(DISTINCT CASE WHEN state = 'available' THEN queue ELSE '~timer' END, ',')
+        FROM ins) AS wake
+
+-- insert_run --
+-- Insert one run (the single-enqueue path: no arrays to unnest). Returns its
+-- id when inserted, nothing when its correlation_key is held or the id exists.
+INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
+                     timeout, correlation_key, concurrency_key, parent_id, input, attributes)
+VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12, $13, $14, $15)
+ON CONFLICT DO NOTHING
+RETURNING id
 
 -- live_correlation_ids --
 -- The non-terminal runs holding these correlation keys.
@@ -90,7 +117,7 @@ SET state = o.state,
     attempt = r.attempt - o.refund,
     finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[], $6::timestamptz[],
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::json[], $5::json[], $6::timestamptz[],
             $7::int[]) AS o(id, fence, state, output, error, run_at, refund)
 WHERE r.id = o.id AND r.fence = o.fence AND r.state = 'running'
 RETURNING r.id
@@ -132,7 +159,7 @@ WITH dead AS (
 )
 UPDATE ms_runs r
 SET state = CASE WHEN r.attempt >= r.max_attempts THEN 'failed' ELSE 'available' END,
-    error = jsonb_build_object(
+    error = json_build_object(
         'type', 'LeaseExpired',
         'message', 'lease held by node ' || coalesce(r.lease_owner, '?') || ' expired at '
                    || r.lease_expires_at::text || ' (node presumed dead or stalled)',
