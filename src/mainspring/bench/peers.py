@@ -8,9 +8,11 @@ stay isolated from ours; :func:`run_peer` starts that subprocess and turns its J
 
 Workload, identical for both peers
 ----------------------------------
-Every peer runs in its own fresh database (``ms_bench_pgqueuer`` / ``ms_bench_procrastinate``),
-created through the ``postgres`` maintenance database with ``DROP DATABASE IF EXISTS ... WITH
-(FORCE)`` before and after, and its schema is installed through the peer's own API
+Every peer runs in its own fresh database, ``ms_bench_pgqueuer_<pid>`` /
+``ms_bench_procrastinate_<pid>`` (the subprocess's pid, so concurrent runs never drop each
+other's database), created through the ``postgres`` maintenance database with ``DROP DATABASE
+IF EXISTS ... WITH (FORCE)`` before and after (databases left by killed runs, whose pid is gone,
+are dropped too), and its schema is installed through the peer's own API
 (PgQueuer: ``Queries.install()``, what ``pgq install`` runs; Procrastinate:
 ``app.schema_manager.apply_schema_async()``). Then, in order:
 
@@ -35,22 +37,27 @@ created through the ``postgres`` maintenance database with ``DROP DATABASE IF EX
 Configuration: fair and favourable to each peer
 -----------------------------------------------
 * Event loop: uvloop when it is importable (PgQueuer's benchmark uses it; the project does not
-  depend on it), else the stdline asyncio loop. The loop used is reported in ``config``.
+  depend on it), else the standard asyncio loop. The loop used is reported in ``config``.
 * PgQueuer: asyncpg driver (its fastest, and its benchmark's default ``apg``); as in its
   drain benchmark, several ``QueueManager`` instances ("dequeue tasks"), each on its own
   asyncpg connection, share the one worker event loop. ``QueueManager`` is used directly
   rather than ``PgQueuer`` so no idle cron ``SchedulerManager`` polls alongside. Library
-  defaults otherwise (unbounded per-worker concurrency, 30 s heartbeat timeout). On this
-  2-core machine a sweep of dequeue tasks {1, 2, 3, 5, 8} x batch size {10, 25, 50, 100}
-  found **2 dequeue tasks x batch size 50** best (~10-15% over its benchmark default of
-  5 x 10); that is the default.
+  defaults otherwise (unbounded per-worker concurrency, 30 s heartbeat timeout, buffered
+  status log). On this 2-core machine a sweep of dequeue tasks {1, 2, 3, 5, 8} x batch size
+  {10, 25, 50, 100} (20k jobs, repeated) found **2 dequeue tasks x batch size 100** best
+  (~22k jobs/s on a quiet machine; 1 x 100 and 2 x 50 close behind), about 2.4x its
+  benchmark default of 5 x 10 (~9k jobs/s). uvloop adds ~10% over the asyncio loop. That is
+  the default.
 * Procrastinate: its async ``PsycopgConnector`` (psycopg 3 + psycopg_pool), one worker
   (``run_worker_async(wait=False)``, which stops once the queue is drained), async no-op task,
-  ``delete_jobs="never"`` (its default; jobs end in ``succeeded``), LISTEN/NOTIFY on. A sweep
-  of worker concurrency {5, 10, 20, 30, 50} x pool size {concurrency/2 .. concurrency + 2}
-  found **concurrency 10 with a pool of 12 connections** best (throughput is flat above
-  ~10 because the worker fetches one job per query, serially); that is the default.
-  ``delete_jobs="successful"`` was not faster.
+  ``delete_jobs="never"`` (its default; jobs end in ``succeeded``), LISTEN/NOTIFY on (its
+  default). A sweep of worker concurrency {1, 2, 5, 10, 20, 30, 50} x pool size {4 (the
+  psycopg_pool default) .. concurrency + 2} found throughput flat, within run-to-run noise,
+  for concurrency 2..20 and pools of 4..12 (~0.9-1.1k jobs/s on a quiet machine): the
+  worker fetches one job per query, serially, so more concurrency does not help, and
+  concurrency 1 (its default) is about half as fast. **Concurrency 10 with a pool of 6** was
+  at the top of that range and is the default. ``delete_jobs="successful"`` and the asyncio
+  loop were not faster.
 
 The tuning knobs are command-line options (``--pgq-dequeue``, ``--pgq-batch-size``,
 ``--pq-concurrency``, ``--pq-pool-size``, ``--pq-delete-jobs``, ``--loop``) so the sweep can be
@@ -65,6 +72,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,17 +89,23 @@ SINGLE_MAX: Final = 2000
 MAINTENANCE_DB: Final = "postgres"
 
 PGQ_DEQUEUE: Final = 2
-PGQ_BATCH_SIZE: Final = 50
+PGQ_BATCH_SIZE: Final = 100
 PQ_CONCURRENCY: Final = 10
-PQ_POOL_SIZE: Final = 12
+PQ_POOL_SIZE: Final = 6
 PQ_DELETE_JOBS: Final = "never"
 
 _ENTRYPOINT: Final = "noop"
+# ms_bench_<system>_<pid of the peer subprocess>: concurrent runs never share a database.
+_DB_PATTERN: Final = re.compile(r"ms_bench_(?:pgqueuer|procrastinate)_([0-9]+)")
+# What the peer subprocess is doing, for timeout and error messages.
+_PROGRESS: Final[dict[str, str]] = {"phase": "setup"}
 _DROP_TIMEOUT: Final = 30.0
 
 
 @dataclass
 class PeerResult:
+    """One peer's figures (jobs/s). ``config`` records how the peer was configured."""
+
     system: str  # "pgqueuer" | "procrastinate"
     jobs: int
     enqueue_batch_per_s: float  # batch enqueue rate (batches of 1000 / the bulk API)
@@ -198,9 +212,13 @@ def run_peer(system: str, dsn: str, jobs: int, timeout: float = 300) -> PeerResu
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-    except BaseException:
-        proc.kill()
-        proc.communicate()
+    except BaseException:  # e.g. KeyboardInterrupt: let the child drop its database, then go
+        proc.terminate()
+        try:
+            proc.wait(timeout=_DROP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         raise
 
     result = _parse_result(system, jobs, stdout or "")
@@ -279,12 +297,33 @@ async def _admin(maintenance_dsn: str, *statements: str) -> None:
         await conn.close()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def _recreate_database(maintenance_dsn: str, name: str) -> None:
-    await _admin(
-        maintenance_dsn,
-        f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-        f'CREATE DATABASE "{name}"',
-    )
+    """Create ``name`` afresh, first dropping databases left behind by killed peer runs."""
+    import asyncpg
+
+    conn = await asyncpg.connect(maintenance_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname ~ $1", _DB_PATTERN.pattern
+        )
+        for row in rows:
+            datname = str(row["datname"])
+            match = _DB_PATTERN.fullmatch(datname)
+            if datname == name or (match is not None and not _pid_alive(int(match[1]))):
+                await conn.execute(f'DROP DATABASE IF EXISTS "{datname}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
 
 
 async def _drop_database(maintenance_dsn: str, name: str) -> None:
@@ -355,6 +394,7 @@ async def _bench_pgqueuer(opts: _Options, dsn: str) -> _Rates:
         queries = Queries(AsyncpgDriver(conn))
         await queries.install()
 
+        _PROGRESS["phase"] = "enqueue_single"
         single = min(jobs, SINGLE_MAX)
         started = time.perf_counter()
         for _ in range(single):
@@ -363,6 +403,7 @@ async def _bench_pgqueuer(opts: _Options, dsn: str) -> _Rates:
         await queries.clear_queue()
         await queries.clear_queue_log()
 
+        _PROGRESS["phase"] = "enqueue_batch"
         started = time.perf_counter()
         for offset in range(0, jobs, BATCH_SIZE):
             n = min(BATCH_SIZE, jobs - offset)
@@ -382,6 +423,7 @@ async def _bench_pgqueuer(opts: _Options, dsn: str) -> _Rates:
 
             managers.append(qm)
 
+        _PROGRESS["phase"] = "process"
         started = time.perf_counter()
         workers = [
             asyncio.create_task(
@@ -450,6 +492,7 @@ async def _bench_procrastinate(opts: _Options, dsn: str) -> _Rates:
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
 
+        _PROGRESS["phase"] = "enqueue_single"
         single = min(jobs, SINGLE_MAX)
         started = time.perf_counter()
         for _ in range(single):
@@ -457,6 +500,7 @@ async def _bench_procrastinate(opts: _Options, dsn: str) -> _Rates:
         rates.enqueue_single_per_s = _rate(single, time.perf_counter() - started)
         await connector.execute_query_async("TRUNCATE procrastinate_jobs CASCADE")
 
+        _PROGRESS["phase"] = "enqueue_batch"
         started = time.perf_counter()
         for offset in range(0, jobs, BATCH_SIZE):
             n = min(BATCH_SIZE, jobs - offset)
@@ -464,6 +508,7 @@ async def _bench_procrastinate(opts: _Options, dsn: str) -> _Rates:
         rates.enqueue_batch_per_s = _rate(jobs, time.perf_counter() - started)
         await connector.execute_query_async("ANALYZE")
 
+        _PROGRESS["phase"] = "process"
         started = time.perf_counter()
         worker = asyncio.create_task(
             app.run_worker_async(
@@ -504,7 +549,7 @@ _BENCHES: Final[dict[str, Callable[[_Options, str], Coroutine[Any, Any, _Rates]]
 
 
 async def _run_child(opts: _Options, loop_name: str) -> _Rates:
-    database = f"ms_bench_{opts.system}"
+    database = f"ms_bench_{opts.system}_{os.getpid()}"
     maintenance_dsn = _with_database(opts.dsn, MAINTENANCE_DB)
     peer_dsn = _with_database(opts.dsn, database)
 
@@ -514,15 +559,23 @@ async def _run_child(opts: _Options, loop_name: str) -> _Rates:
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGTERM, main.cancel)
 
+    async def drop() -> None:
+        # FORCE ends any session the peer left behind.
+        await asyncio.wait_for(
+            asyncio.shield(_drop_database(maintenance_dsn, database)), _DROP_TIMEOUT
+        )
+
     await _recreate_database(maintenance_dsn, database)
     try:
         async with asyncio.timeout(opts.timeout):
             rates = await _BENCHES[opts.system](opts, peer_dsn)
-    finally:
-        # Runs after a timeout, SIGTERM or failure too; FORCE ends leftover sessions.
-        await asyncio.wait_for(
-            asyncio.shield(_drop_database(maintenance_dsn, database)), _DROP_TIMEOUT
-        )
+    except BaseException:
+        # After a timeout, SIGTERM or failure too, without hiding the original error;
+        # a database that still cannot be dropped is swept up by the next run.
+        with contextlib.suppress(Exception):
+            await drop()
+        raise
+    await drop()
     rates.config["event_loop"] = loop_name
     rates.config["database"] = database
     return rates
@@ -536,7 +589,7 @@ def _loop_factory(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] 
             if choice == "uvloop":
                 raise
         else:
-            return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
+            return uvloop.new_event_loop, f"uvloop {_library_version('uvloop')}"
     return None, "asyncio"
 
 
@@ -606,13 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         out["config"].update(rates.config)
     except TimeoutError:
-        out["error"] = f"timed out after {opts.timeout:g}s"
+        out["error"] = f"timed out after {opts.timeout:g}s (during {_PROGRESS['phase']})"
         code = 1
     except (asyncio.CancelledError, KeyboardInterrupt):
         out["error"] = "interrupted"
         code = 1
     except Exception as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
+        out["error"] = f"{type(exc).__name__} during {_PROGRESS['phase']}: {exc}"
         code = 1
     print(json.dumps(out), flush=True)
     return code

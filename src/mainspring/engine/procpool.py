@@ -353,7 +353,10 @@ class _Worker:
 
     def has_exited(self) -> bool:
         """True if the process has exited, even if the reader thread has not reported it yet."""
-        return self.dead or bool(mp_connection.wait([self.process.sentinel], 0))
+        if self.dead or mp_connection.wait([self.process.sentinel], 0):
+            return True
+        # The sentinel can lag a SIGKILL; waitpid (through is_alive) does not.
+        return not self.process.is_alive()
 
     def join_thread(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -571,16 +574,14 @@ class ProcessPool:
         try:
             if self._state != "running":
                 raise PoolClosed("process pool was closed")
-            while True:
-                while worker is not None and worker.dead:
-                    worker = worker.successor
-                if worker is None or not worker.has_exited():
-                    break
-                # It died while idle and its reader thread is about to report it: wait for
-                # that (it starts a successor) rather than failing a call on a dead process.
-                await asyncio.wait([worker.exited])
+            while worker is not None and (worker.dead or worker.has_exited()):
+                # It died while idle: wait until the loop has handled its exit (which
+                # starts its successor) rather than failing a call on a dead process.
+                if not worker.exited.done():
+                    await asyncio.wait([worker.exited])
                 if self._state != "running":
                     raise PoolClosed("process pool was closed")
+                worker = worker.successor
             if worker is None:
                 try:
                     worker = self._spawn()

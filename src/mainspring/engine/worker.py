@@ -19,7 +19,6 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from mainspring import payload
 from mainspring.context import RunContext, _current
 from mainspring.engine.loops import supervise, wait_event
+from mainspring.engine.threads import DaemonThreadPool
 from mainspring.errors import EncodeError, TaskTimeout
 from mainspring.ids import uuid7_for
 from mainspring.run import (
@@ -115,7 +115,6 @@ class Worker:
         self._store: Store | None = None
         self._inflight: dict[str, InFlight] = {}
         self._running: Counter[str] = Counter()
-        self._executing = 0
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -126,7 +125,7 @@ class Worker:
         self._closing = False
         self.started = asyncio.Event()
         self._push = False
-        self._threads: ThreadPoolExecutor | None = None
+        self._threads: DaemonThreadPool | None = None
         self._procpool: ProcessPool | None = None
         self._rotate = 0
         self._notifications: set[asyncio.Future[None]] = set()
@@ -186,9 +185,7 @@ class Worker:
         limits = {q: c.global_limit for q, c in self.app.queues.items() if c.global_limit}
         if limits:
             await self.store.set_queue_limits(limits)
-        self._threads = ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix="mainspring-task"
-        )
+        self._threads = DaemonThreadPool(self.concurrency)
         if any(t.executor == "process" for t in self.app.tasks.values()):
             from mainspring.engine.procpool import ProcessPool
 
@@ -233,7 +230,9 @@ class Worker:
     # -- claim -------------------------------------------------------------------------
 
     def _demand(self) -> list[QueueDemand]:
-        free = self.concurrency - self._executing
+        # A slot is held from claim until the outcome is committed, so claiming
+        # never runs ahead of committing (no backlog of uncommitted leases).
+        free = self.concurrency - len(self._inflight)
         if free <= 0:
             return []
         free = min(free, self.batch_size)
@@ -264,7 +263,7 @@ class Worker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 # Let a few more handlers finish so claims stay batched at saturation.
-                if self.concurrency - self._executing < max(1, self.concurrency // 4):
+                if self.concurrency - len(self._inflight) < max(1, self.concurrency // 4):
                     await asyncio.sleep(0.002)
                 continue
             self._work.clear()
@@ -277,7 +276,7 @@ class Worker:
                 continue  # a queue gave all we asked for: there may be more
             if self.burst and await self._burst_done():
                 return
-            idle = await self._wait_for_work(idle if not claimed else self.poll_interval)
+            idle = await self._wait_for_work(idle if not claimed else self.poll_interval / 10)
 
     async def _wait_for_work(self, idle: float) -> float:
         """Sleep until work may be there: a wake-up, a freed slot, or the poll interval."""
@@ -304,7 +303,6 @@ class Worker:
         flight = InFlight(run, started=time.monotonic())
         self._inflight[run.id] = flight
         self._running[run.queue] += 1
-        self._executing += 1
         self.claimed_total += 1
         flight.task = asyncio.create_task(self._execute(flight), name=f"run:{run.id}")
         if self.telemetry.listening("run.claimed"):
@@ -334,11 +332,8 @@ class Worker:
             outcome = self._failure(run, task, exc)
         finally:
             flight.executing = False
-            self._executing -= 1
-            self._running[run.queue] -= 1
-            self._slot_freed.set()
         if outcome is None:
-            self._inflight.pop(run.id, None)
+            self._forget(run.id)
             return
         self._outcomes.append(outcome)
         self._outcome_ready.set()
@@ -415,6 +410,7 @@ class Worker:
     async def _commit_loop(self) -> None:
         backoff = 0.05
         give_up_at: float | None = None
+        refusals = 0
         while True:
             if not self._outcomes:
                 if self._closing:
@@ -427,6 +423,12 @@ class Worker:
             try:
                 committed = await self.store.commit_outcomes(batch)
             except Exception as exc:
+                if not self.store.is_transient(exc):
+                    refusals += 1
+                    if refusals >= 3:
+                        self._abandon(batch, exc)
+                        refusals = 0
+                        continue
                 self._outcomes[:0] = batch
                 if self._closing:
                     give_up_at = give_up_at or time.monotonic() + self.app.shutdown_grace
@@ -442,15 +444,31 @@ class Worker:
                 backoff = min(5.0, backoff * 2)
                 continue
             backoff = 0.05
+            refusals = 0
             self._committed(batch, committed)
             if self.burst and not self._inflight:
                 self._work.set()  # let the claim loop see whether anything is left
+
+    def _abandon(self, batch: list[Outcome], exc: BaseException) -> None:
+        """The database keeps refusing these outcomes: stop holding the runs.
+
+        Their leases lapse and the reaper hands them out again, so nothing is
+        lost; the refusal is logged and reported, never retried forever.
+        """
+        log.error(
+            "the database refused to commit %d outcomes three times (%s: %s); releasing the "
+            "runs to lease expiry", len(batch), type(exc).__name__, exc,
+        )  # fmt: skip
+        self.telemetry.emit("node.loop_crashed", loop="commit", error=repr(exc))
+        self.status = "degraded"
+        for outcome in batch:
+            self._forget(outcome.id)
 
     def _committed(self, batch: list[Outcome], committed: set[str]) -> None:
         telemetry = self.telemetry
         released: set[str] = set()
         for outcome in batch:
-            flight = self._inflight.pop(outcome.id, None)
+            flight = self._forget(outcome.id)
             run = flight.run if flight else None
             if outcome.id not in committed:
                 telemetry.emit("run.lease_lost", id=outcome.id, node=self.name, state=outcome.state)
@@ -477,6 +495,14 @@ class Worker:
         if released:
             for queue in released:
                 self._notify_soon(queue)
+
+    def _forget(self, run_id: str) -> InFlight | None:
+        """The run is no longer this node's: free its slot."""
+        flight = self._inflight.pop(run_id, None)
+        if flight is not None:
+            self._running[flight.run.queue] -= 1
+            self._slot_freed.set()
+        return flight
 
     def _notify_soon(self, text: str) -> None:
         async def send() -> None:
@@ -509,9 +535,7 @@ class Worker:
             flight.task.cancel()
         if leftovers:
             await asyncio.gather(*(f.task for f in leftovers if f.task), return_exceptions=True)
-            log.info("released %d runs to other nodes", len(leftovers))
-            for flight in leftovers:
-                self.telemetry.emit("run.released", id=flight.run.id, node=self.name)
+            log.info("releasing %d runs to other nodes", len(leftovers))
 
     # -- leases --------------------------------------------------------------------------
 

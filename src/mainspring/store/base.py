@@ -235,6 +235,10 @@ class Store(abc.ABC):
     async def changed(self) -> bool:
         """Cheap check whether another connection wrote since the last call (polling backends)."""
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether a failed call may succeed if repeated (connection lost, database busy)."""
+        return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
     async def execute_script(self, sql: str) -> None:  # pragma: no cover - used by tests/bench only
         """Run raw SQL (tests and benchmarks)."""
         raise NotImplementedError

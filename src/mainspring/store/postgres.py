@@ -24,6 +24,13 @@ from mainspring.store.queries import load_migrations, load_queries
 log = logging.getLogger("mainspring.store")
 
 Q = load_queries("postgres")
+_TRANSIENT = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
 CHANNEL = "mainspring"
 _MIGRATION_LOCK = 0x6D61696E  # "main"
 
@@ -61,7 +68,14 @@ class PostgresStore(Store):
                 min_size=self._min_size,
                 max_size=self._max_size,
                 command_timeout=60,
-                server_settings={"application_name": "mainspring"},
+                server_settings={
+                    "application_name": "mainspring",
+                    # Claim and commit take arrays whose length the generic plan
+                    # cannot know; plan each with its real parameters. JIT only
+                    # costs compile time on these short statements.
+                    "plan_cache_mode": "force_custom_plan",
+                    "jit": "off",
+                },
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self.url}: {exc}") from exc
@@ -373,6 +387,9 @@ class PostgresStore(Store):
 
     def listening(self) -> bool:
         return self._listener is not None and not self._listener.is_closed()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, _TRANSIENT) or super().is_transient(exc)
 
     async def changed(self) -> bool:
         return False

@@ -431,6 +431,11 @@ class SqliteStore(Store):
         self._callback = callback
         return False
 
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, sqlite3.OperationalError):
+            return "locked" in str(exc) or "busy" in str(exc)
+        return super().is_transient(exc)
+
     async def changed(self) -> bool:
         def version() -> int:
             return int(self.con.execute("PRAGMA data_version").fetchone()[0])

@@ -87,8 +87,7 @@ UPDATE ms_runs r
 SET state = 'running', attempt = r.attempt + 1, fence = r.fence + 1,
     lease_owner = $3, lease_expires_at = now() + make_interval(secs => $4),
     started_at = now(), updated_at = now()
-FROM pick
-WHERE r.id = pick.id
+WHERE r.id = ANY (ARRAY(SELECT id FROM pick))
 RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
           r.fence, r.timeout, r.created_at
 

@@ -38,8 +38,10 @@ CREATE TABLE ms_runs (
 CREATE INDEX ms_runs_claim ON ms_runs (queue, priority DESC, run_at, id) WHERE state = 'available';
 -- timers: the next scheduled run
 CREATE INDEX ms_runs_due ON ms_runs (run_at) WHERE state = 'scheduled';
--- reaper: expired leases
-CREATE INDEX ms_runs_lease ON ms_runs (lease_expires_at) WHERE state = 'running';
+-- reaper: expired leases (only running runs hold one). Deliberately not
+-- "WHERE state = 'running'": with that predicate the planner may drive the
+-- commit statement from this index instead of the primary key.
+CREATE INDEX ms_runs_lease ON ms_runs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- at most one running run per concurrency key, enforced by the database itself
 CREATE UNIQUE INDEX ms_runs_concurrency ON ms_runs (concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;

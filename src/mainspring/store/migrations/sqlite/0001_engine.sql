@@ -39,7 +39,7 @@ CREATE INDEX ms_runs_claim ON ms_runs (queue, priority DESC, run_at, id) WHERE s
 -- timers: the next scheduled run
 CREATE INDEX ms_runs_due ON ms_runs (run_at) WHERE state = 'scheduled';
 -- reaper: expired leases
-CREATE INDEX ms_runs_lease ON ms_runs (lease_expires_at) WHERE state = 'running';
+CREATE INDEX ms_runs_lease ON ms_runs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- at most one running run per concurrency key, enforced by the database itself
 CREATE UNIQUE INDEX ms_runs_concurrency ON ms_runs (concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;
