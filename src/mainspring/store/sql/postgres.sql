@@ -108,17 +108,22 @@ SELECT name FROM ms_queues WHERE name = ANY($1::text[]) AND global_limit IS NOT 
 
 -- commit_outcomes --
 -- Write attempt outcomes where the fence still matches; returns the ids written.
+-- Every change of owner or state bumps the fence (claim, reap, cancel, and this
+-- commit itself), so the fence alone proves the run is still ours and still
+-- running, and a repeated commit of the same outcome is refused. No filter on
+-- state: its statistics would steer the planner away from the primary key.
 UPDATE ms_runs r
 SET state = o.state,
     output = o.output,
     error = coalesce(o.error, r.error),
     run_at = coalesce(o.run_at, r.run_at),
     attempt = r.attempt - o.refund,
+    fence = r.fence + 1,
     finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::json[], $5::json[], $6::timestamptz[],
             $7::int[]) AS o(id, fence, state, output, error, run_at, refund)
-WHERE r.id = o.id AND r.fence = o.fence AND r.state = 'running'
+WHERE r.id = ANY($1::text[]) AND r.id = o.id AND r.fence = o.fence
 RETURNING r.id
 
 -- extend_leases --
@@ -126,7 +131,7 @@ RETURNING r.id
 UPDATE ms_runs r
 SET lease_expires_at = now() + make_interval(secs => $4)
 FROM unnest($1::text[], $2::bigint[]) AS h(id, fence)
-WHERE r.id = h.id AND r.fence = h.fence AND r.state = 'running' AND r.lease_owner = $3
+WHERE r.id = ANY($1::text[]) AND r.id = h.id AND r.fence = h.fence AND r.lease_owner = $3
 RETURNING r.id
 
 -- promote_due --

@@ -51,12 +51,15 @@ FROM ms_queues q WHERE q.name = :queue AND q.global_limit IS NOT NULL
 -- commit_outcomes --
 -- Write attempt outcomes (a JSON array of [id, fence, state, output, error,
 -- run_at, refund]) where the fence still matches; returns the ids written.
+-- Every change of owner or state bumps the fence (claim, reap, cancel, and this
+-- commit), so the fence alone proves the run is still ours and running.
 UPDATE ms_runs
 SET state = o.state,
     output = o.output,
     error = coalesce(o.error, ms_runs.error),
     run_at = coalesce(o.run_at, ms_runs.run_at),
     attempt = ms_runs.attempt - o.refund,
+    fence = ms_runs.fence + 1,
     finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN :now END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS fence,
@@ -64,7 +67,7 @@ FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS f
              json_extract(value, '$[4]') AS error, json_extract(value, '$[5]') AS run_at,
              json_extract(value, '$[6]') AS refund
       FROM json_each(:outcomes)) AS o
-WHERE ms_runs.id = o.id AND ms_runs.fence = o.fence AND ms_runs.state = 'running'
+WHERE ms_runs.id = o.id AND ms_runs.fence = o.fence
 RETURNING ms_runs.id
 
 -- extend_leases --
@@ -73,8 +76,7 @@ UPDATE ms_runs
 SET lease_expires_at = :now + :ttl
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS fence
       FROM json_each(:held)) AS h
-WHERE ms_runs.id = h.id AND ms_runs.fence = h.fence AND ms_runs.state = 'running'
-  AND ms_runs.lease_owner = :node
+WHERE ms_runs.id = h.id AND ms_runs.fence = h.fence AND ms_runs.lease_owner = :node
 RETURNING ms_runs.id
 
 -- promote_due --

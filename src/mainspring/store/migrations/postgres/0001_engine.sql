@@ -51,8 +51,9 @@ CREATE UNIQUE INDEX ms_runs_correlation ON ms_runs (correlation_key)
 -- gc of terminal runs
 CREATE INDEX ms_runs_finished ON ms_runs (finished_at)
     WHERE state IN ('completed','failed','cancelled');
--- listings by queue and state
-CREATE INDEX ms_runs_queue_state ON ms_runs (queue, state);
+-- listings and counts by queue (no state column: an index on state would tempt
+-- the planner to drive the hot-path updates from "state = 'running'")
+CREATE INDEX ms_runs_queue ON ms_runs (queue, id);
 CREATE INDEX ms_runs_parent ON ms_runs (parent_id) WHERE parent_id IS NOT NULL;
 
 CREATE TABLE ms_nodes (
