@@ -93,6 +93,7 @@ class Worker:
         install_signal_handlers: bool = True,
         poll_interval: float = 0.05,
         name: str | None = None,
+        claimers: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -107,6 +108,7 @@ class Worker:
         self.concurrency = concurrency
         self.burst = burst
         self.batch_size = batch_size
+        self.claimers = claimers
         self.install_signal_handlers = install_signal_handlers
         self.poll_interval = poll_interval
         self.lease_ttl = app.lease_ttl
@@ -115,6 +117,7 @@ class Worker:
         self._store: Store | None = None
         self._inflight: dict[str, InFlight] = {}
         self._running: Counter[str] = Counter()
+        self._reserved: Counter[str] = Counter()
         self._outcomes: list[Outcome] = []
         self._outcome_ready = asyncio.Event()
         self._slot_freed = asyncio.Event()
@@ -169,7 +172,10 @@ class Worker:
                     )
                 ]
                 committer = tg.create_task(self._commit_loop())
-                await self._supervised("claim", self._claim_loop)
+                claimers = self.claimers or (2 if self.store.backend == "postgres" else 1)
+                await asyncio.gather(
+                    *(self._supervised(f"claim-{i}", self._claim_loop) for i in range(claimers))
+                )
                 await self._drain()
                 self._closing = True
                 self._outcome_ready.set()
@@ -230,9 +236,10 @@ class Worker:
     # -- claim -------------------------------------------------------------------------
 
     def _demand(self) -> list[QueueDemand]:
-        # A slot is held from claim until the outcome is committed, so claiming
-        # never runs ahead of committing (no backlog of uncommitted leases).
-        free = self.concurrency - len(self._inflight)
+        # A slot is held from the claim until the outcome is committed, so claiming
+        # never runs ahead of committing (no backlog of uncommitted leases); slots
+        # asked for by a claim still in flight are reserved.
+        free = self.concurrency - len(self._inflight) - self._reserved.total()
         if free <= 0:
             return []
         free = min(free, self.batch_size)
@@ -247,7 +254,7 @@ class Worker:
             room = (
                 free
                 if config is None or config.concurrency is None
-                else min(free, config.concurrency - self._running[queue])
+                else min(free, config.concurrency - self._running[queue] - self._reserved[queue])
             )
             n = min(room, share if len(queues) > 1 else free)
             if n > 0:
@@ -267,7 +274,14 @@ class Worker:
                     await asyncio.sleep(0.002)
                 continue
             self._work.clear()
-            claimed = await self.store.claim_runs(self.name, demand, self.lease_ttl)
+            for d in demand:
+                self._reserved[d.queue] += d.limit
+            try:
+                claimed = await self.store.claim_runs(self.name, demand, self.lease_ttl)
+            finally:
+                for d in demand:
+                    self._reserved[d.queue] -= d.limit
+                self._slot_freed.set()  # unclaimed reservations are free again
             for run in claimed:
                 self._start_run(run)
             got = Counter(c.queue for c in claimed)
@@ -275,6 +289,9 @@ class Worker:
                 idle = self.poll_interval
                 continue  # a queue gave all we asked for: there may be more
             if self.burst and await self._burst_done():
+                self._stopping.set()  # every claim loop ends, and the node drains
+                self._slot_freed.set()
+                self._work.set()
                 return
             idle = await self._wait_for_work(idle if not claimed else self.poll_interval / 10)
 

@@ -53,6 +53,7 @@ class PostgresStore(Store):
         self._min_size = min_size
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
+        self._relaxed: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
 
     @property
@@ -61,12 +62,12 @@ class PostgresStore(Store):
             raise MainspringError("the store is not open; call `await store.open()` first")
         return self._pool
 
-    async def open(self) -> None:
+    async def _create_pool(self, min_size: int, max_size: int, **settings: str) -> asyncpg.Pool:
         try:
-            self._pool = await asyncpg.create_pool(
+            return await asyncpg.create_pool(
                 self.url,
-                min_size=self._min_size,
-                max_size=self._max_size,
+                min_size=min_size,
+                max_size=max_size,
                 command_timeout=60,
                 server_settings={
                     "application_name": "mainspring",
@@ -75,22 +76,43 @@ class PostgresStore(Store):
                     # costs compile time on these short statements.
                     "plan_cache_mode": "force_custom_plan",
                     "jit": "off",
+                    **settings,
                 },
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise BackendUnavailable(f"cannot connect to PostgreSQL at {self.url}: {exc}") from exc
+
+    async def open(self) -> None:
+        self._pool = await self._create_pool(self._min_size, self._max_size)
+
+    async def relaxed(self) -> asyncpg.Pool:
+        """Connections whose transactions do not wait for their own WAL flush.
+
+        For the writes that a crash of PostgreSQL may safely forget: claims,
+        lease extensions, promotions, reaps and heartbeats. A forgotten claim
+        puts the run back as it was (it runs again: at-least-once), and since
+        every committed outcome bumps the fence, a stale claim can never
+        overwrite a committed outcome. Enqueues, outcomes and operator actions
+        stay durable: their transactions return only once flushed, and that
+        flush also carries every earlier relaxed write.
+        """
+        if self._relaxed is None:
+            self._relaxed = await self._create_pool(1, 3, synchronous_commit="off")
+        return self._relaxed
 
     async def close(self) -> None:
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=2)
             self._listener = None
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
+        for pool in (self._pool, self._relaxed):
+            if pool is None:
+                continue
             try:
                 await asyncio.wait_for(pool.close(), timeout=5)
             except (TimeoutError, OSError, asyncpg.PostgresError):
                 pool.terminate()
+        self._pool = self._relaxed = None
 
     async def migrate(self) -> int:
         async with self.pool.acquire() as con, con.transaction():
@@ -180,8 +202,7 @@ class PostgresStore(Store):
         if limited is None or limited:
             # Unknown or limited queues: serialize with other claimers of those queues.
             return await self._claim_limited(node, queues, limits, lease_ttl)
-        rows = await self._claim(self.pool, node, queues, limits, lease_ttl)
-        return rows
+        return await self._claim(await self.relaxed(), node, queues, limits, lease_ttl)
 
     _limited_cache: dict[str, bool] | None = None
     _limited_checked_at: float = 0.0
@@ -198,7 +219,7 @@ class PostgresStore(Store):
     async def _claim_limited(
         self, node: str, queues: list[str], limits: list[int], lease_ttl: float
     ) -> list[Claimed]:
-        async with self.pool.acquire() as con:
+        async with (await self.relaxed()).acquire() as con:
             limited = {r["name"] for r in await con.fetch(Q["limited_queues"], queues)}
             self._limited_cache = {q: q in limited for q in queues}
             self._limited_checked_at = asyncio.get_running_loop().time()
@@ -254,13 +275,13 @@ class PostgresStore(Store):
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
     ) -> set[str]:
-        rows = await self.pool.fetch(
+        rows = await (await self.relaxed()).fetch(
             Q["extend_leases"], [h[0] for h in held], [h[1] for h in held], node, lease_ttl
         )
         return {r[0] for r in rows}
 
     async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
-        async with self.pool.acquire() as con:
+        async with (await self.relaxed()).acquire() as con:
             rows = await con.fetch(Q["promote_due"], limit)
             queues = sorted({r[0] for r in rows})
             if queues:
@@ -269,7 +290,7 @@ class PostgresStore(Store):
         return queues, nxt
 
     async def reap_expired(self, limit: int) -> list[tuple[str, str]]:
-        rows = await self.pool.fetch(Q["reap_expired"], limit)
+        rows = await (await self.relaxed()).fetch(Q["reap_expired"], limit)
         queues = sorted({r["queue"] for r in rows if r["state"] == "available"})
         if queues:
             await self.notify(",".join(queues))
@@ -339,7 +360,7 @@ class PostgresStore(Store):
     async def heartbeat_node(
         self, name: str, queues: Sequence[str], tasks: Sequence[str], concurrency: int, status: str
     ) -> None:
-        await self.pool.execute(
+        await (await self.relaxed()).execute(
             Q["heartbeat_node"],
             name,
             payload.dumps(list(queues)),
