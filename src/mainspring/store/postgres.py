@@ -43,6 +43,18 @@ def _run(row: asyncpg.Record) -> Run:
     return run_from_row(row, _same)
 
 
+async def _reset(con: asyncpg.Connection) -> None:
+    """Return a connection to the pool without asyncpg's default reset query.
+
+    The default (RESET ALL, UNLISTEN *, ...) is a second round trip on every
+    pooled call; the store never changes session state on pooled connections
+    (settings come from the connect parameters, locks are transaction-scoped,
+    LISTEN has its own connection), so only an open transaction is undone.
+    """
+    if con.is_in_transaction():
+        await con.execute("ROLLBACK")
+
+
 class PostgresStore(Store):
     """Store on PostgreSQL 14+ through an asyncpg pool."""
 
@@ -69,6 +81,7 @@ class PostgresStore(Store):
                 min_size=min_size,
                 max_size=max_size,
                 command_timeout=60,
+                reset=_reset,
                 server_settings={
                     "application_name": "mainspring",
                     # Claim and commit take arrays whose length the generic plan
