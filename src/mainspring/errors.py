@@ -44,9 +44,5 @@ class HandlerCrashed(MainspringError):
     """The process running a handler died (for example killed or segfaulted)."""
 
 
-class LeaseLost(MainspringError):
-    """This node no longer owns the run: its lease expired or it was cancelled."""
-
-
 class BackendUnavailable(MainspringError, ConnectionError):
     """The database could not be reached."""
