@@ -583,12 +583,10 @@ async def _announce_ready(probe: _Probe, running: asyncio.Task[None]) -> None:
     """Print READY once the worker's store is open and, on PostgreSQL, it listens."""
     while not running.done():
         store = probe.store
-        if store is not None:
-            listening = getattr(store, "listening", None)
-            if listening is None or listening():
-                await asyncio.sleep(0.05)  # the listener is being registered
-                print("READY", flush=True)
-                return
+        if store is not None and (store.backend != "postgres" or store.listening()):
+            await asyncio.sleep(0.05)  # the listener is being registered
+            print("READY", flush=True)
+            return
         await asyncio.sleep(0.005)
 
 

@@ -296,7 +296,7 @@ class Worker:
             idle = await self._wait_for_work(idle if not claimed else self.poll_interval / 10)
 
     async def _wait_for_work(self, idle: float) -> float:
-        """Sleep until work may be there: a wake-up, a freed slot, or the poll interval."""
+        """Sleep until work may be there: a wake-up, a change seen by polling, or a timeout."""
         if self._push:
             await wait_event(self._work, 2.0)
             return idle
@@ -664,8 +664,7 @@ class Worker:
             self._push = await self.store.listen(on_message)
             if not self._push:
                 return  # polling backend: in-process wake-ups only
-            listening = getattr(self.store, "listening", None)
-            while listening is not None and listening():
+            while self.store.listening():
                 await asyncio.sleep(1.0)
             self._push = False
             log.warning("notification connection lost; polling until it is back")

@@ -231,6 +231,10 @@ class Store(abc.ABC):
     async def listen(self, callback: Callable[[str], None]) -> bool:
         """Call `callback(payload)` on notifications; False when the backend cannot push them."""
 
+    def listening(self) -> bool:
+        """True while pushed notifications arrive (never, on a polling backend)."""
+        return False
+
     @abc.abstractmethod
     async def changed(self) -> bool:
         """Cheap check whether another connection wrote since the last call (polling backends)."""

@@ -66,6 +66,10 @@ class PostgresStore(Store):
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self._relaxed: asyncpg.Pool | None = None
+        # Which queues have a global limit, re-read every few seconds: the common
+        # unlimited claim then stays one statement.
+        self._limited_cache: dict[str, bool] | None = None
+        self._limited_checked_at = 0.0
         self._listener: asyncpg.Connection | None = None
 
     @property
@@ -216,9 +220,6 @@ class PostgresStore(Store):
             # Unknown or limited queues: serialize with other claimers of those queues.
             return await self._claim_limited(node, queues, limits, lease_ttl)
         return await self._claim(await self.relaxed(), node, queues, limits, lease_ttl)
-
-    _limited_cache: dict[str, bool] | None = None
-    _limited_checked_at: float = 0.0
 
     def _limited(self, queues: list[str]) -> list[str] | None:
         cache = self._limited_cache
