@@ -248,6 +248,24 @@ async def test_enqueue_many_returns_handles_in_order(app: ms.App) -> None:
 
 
 @aio
+async def test_a_repeated_batch_insert_adds_nothing(app: ms.App) -> None:
+    """An enqueue retried after its answer was lost (it had committed) writes no second copy."""
+
+    @app.task
+    async def echo(i: int) -> int:
+        return i
+
+    now = datetime.now(UTC)
+    runs = [echo.call(i).to_new_run(now) for i in range(100)]
+    store = await app.store()
+    first = await store.insert_runs(runs)
+    again = await store.insert_runs(runs)
+    assert first == again == {r.id: r.id for r in runs}
+    status = await store.queue_status("default")
+    assert status.counts == {"available": 100}
+
+
+@aio
 async def test_cancel_stops_a_running_handler_and_retry_runs_it_again(app: ms.App) -> None:
     gate = asyncio.Event()
     calls = 0

@@ -94,6 +94,7 @@ class Worker:
         poll_interval: float = 0.05,
         name: str | None = None,
         claimers: int | None = None,
+        committers: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -109,6 +110,7 @@ class Worker:
         self.burst = burst
         self.batch_size = batch_size
         self.claimers = claimers
+        self.committers = committers
         self.install_signal_handlers = install_signal_handlers
         self.poll_interval = poll_interval
         self.lease_ttl = app.lease_ttl
@@ -171,15 +173,20 @@ class Worker:
                         ("listener", self._listener_loop),
                     )
                 ]
-                committer = tg.create_task(self._commit_loop())
-                claimers = self.claimers or (2 if self.store.backend == "postgres" else 1)
+                # On Postgres two claims and two commits may be in flight at once, so
+                # the database always has the next batch while the worker handles one.
+                parallel = 2 if self.store.backend == "postgres" else 1
+                committers = [
+                    tg.create_task(self._commit_loop()) for _ in range(self.committers or parallel)
+                ]
+                claimers = self.claimers or parallel
                 await asyncio.gather(
                     *(self._supervised(f"claim-{i}", self._claim_loop) for i in range(claimers))
                 )
                 await self._drain()
                 self._closing = True
                 self._outcome_ready.set()
-                await committer
+                await asyncio.gather(*committers)
                 await asyncio.gather(*self._notifications, return_exceptions=True)
                 for task in background:
                     task.cancel()

@@ -17,7 +17,7 @@ import asyncpg
 
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
-from mainspring.run import AVAILABLE, SCHEDULED, Claimed, NewRun, NodeInfo, Outcome, Run
+from mainspring.run import AVAILABLE, COMPLETED, SCHEDULED, Claimed, NewRun, NodeInfo, Outcome, Run
 from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
 from mainspring.store.queries import load_migrations, load_queries
 
@@ -32,6 +32,9 @@ _TRANSIENT = (
     asyncpg.exceptions.TransactionRollbackError,
 )
 CHANNEL = "mainspring"
+# Batches this large and plain go in by COPY (see _copy_plain); the columns it fills:
+_COPY_MIN = 32
+_COPY_COLUMNS = ("id", "name", "queue", "state", "priority", "max_attempts", "input")
 _MIGRATION_LOCK = 0x6D61696E  # "main"
 
 
@@ -185,6 +188,10 @@ class PostgresStore(Store):
             if row_id is None:
                 return set(), None
             return {row_id}, r.queue if r.state == AVAILABLE else "~timer"
+        if len(runs) >= _COPY_MIN and all(r.plain and r.state == AVAILABLE for r in runs):
+            copied = await self._copy_plain(runs)
+            if copied is not None:
+                return copied
         ids = [r.id for r in runs]
         names = [r.name for r in runs]
         queues = [r.queue for r in runs]
@@ -207,6 +214,23 @@ class PostgresStore(Store):
                 [r.attributes for r in runs],
             )  # fmt: skip
         return set(row["ids"]), row["wake"]
+
+    async def _copy_plain(self, runs: Sequence[NewRun]) -> tuple[set[str], str | None] | None:
+        """COPY a batch of plain, available runs: the bulk path, half the server time of INSERT.
+
+        Ids are fresh UUIDv7s and plain runs carry no correlation key, so there is
+        nothing to dedup; run_at takes its default, the database's now(). A unique
+        violation means an earlier try of this same batch committed before its
+        answer was lost: None, and the caller re-inserts with ON CONFLICT DO NOTHING.
+        """
+        records = [(r.id, r.name, r.queue, r.state, r.priority, r.max_attempts, r.input) for r in runs]
+        try:
+            await self.pool.copy_records_to_table(
+                "ms_runs", records=records, columns=_COPY_COLUMNS
+            )
+        except asyncpg.exceptions.UniqueViolationError:
+            return None
+        return {r.id for r in runs}, ",".join(sorted({r.queue for r in runs}))
 
     async def claim_runs(
         self, node: str, demand: Sequence[QueueDemand], lease_ttl: float
@@ -274,6 +298,14 @@ class PostgresStore(Store):
         ]
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
+        if all(o.state == COMPLETED and o.error is None and o.run_at is None for o in outcomes):
+            rows = await self.pool.fetch(
+                Q["commit_completed"],
+                [o.id for o in outcomes],
+                [o.fence for o in outcomes],
+                [o.output for o in outcomes],
+            )
+            return {r[0] for r in rows}
         rows = await self.pool.fetch(
             Q["commit_outcomes"],
             [o.id for o in outcomes],

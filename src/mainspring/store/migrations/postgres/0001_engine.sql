@@ -38,10 +38,11 @@ CREATE TABLE ms_runs (
 CREATE INDEX ms_runs_claim ON ms_runs (queue, priority DESC, run_at, id) WHERE state = 'available';
 -- timers: the next scheduled run
 CREATE INDEX ms_runs_due ON ms_runs (run_at) WHERE state = 'scheduled';
--- reaper: expired leases (only running runs hold one). Deliberately not
--- "WHERE state = 'running'": with that predicate the planner may drive the
--- commit statement from this index instead of the primary key.
-CREATE INDEX ms_runs_lease ON ms_runs (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+-- running runs (only they hold a lease): the reaper's expired leases and the
+-- running count of globally limited queues. Deliberately not "WHERE state =
+-- 'running'": with that predicate the planner may drive the commit statement
+-- from this index instead of the primary key.
+CREATE INDEX ms_runs_lease ON ms_runs (queue, lease_expires_at) WHERE lease_expires_at IS NOT NULL;
 -- at most one running run per concurrency key, enforced by the database itself
 CREATE UNIQUE INDEX ms_runs_concurrency ON ms_runs (concurrency_key)
     WHERE state = 'running' AND concurrency_key IS NOT NULL;
@@ -51,9 +52,6 @@ CREATE UNIQUE INDEX ms_runs_correlation ON ms_runs (correlation_key)
 -- gc of terminal runs
 CREATE INDEX ms_runs_finished ON ms_runs (finished_at)
     WHERE state IN ('completed','failed','cancelled');
--- listings and counts by queue (no state column: an index on state would tempt
--- the planner to drive the hot-path updates from "state = 'running'")
-CREATE INDEX ms_runs_queue ON ms_runs (queue, id);
 CREATE INDEX ms_runs_parent ON ms_runs (parent_id) WHERE parent_id IS NOT NULL;
 
 CREATE TABLE ms_nodes (
