@@ -223,11 +223,11 @@ class PostgresStore(Store):
         violation means an earlier try of this same batch committed before its
         answer was lost: None, and the caller re-inserts with ON CONFLICT DO NOTHING.
         """
-        records = [(r.id, r.name, r.queue, r.state, r.priority, r.max_attempts, r.input) for r in runs]
+        records = [
+            (r.id, r.name, r.queue, r.state, r.priority, r.max_attempts, r.input) for r in runs
+        ]
         try:
-            await self.pool.copy_records_to_table(
-                "ms_runs", records=records, columns=_COPY_COLUMNS
-            )
+            await self.pool.copy_records_to_table("ms_runs", records=records, columns=_COPY_COLUMNS)
         except asyncpg.exceptions.UniqueViolationError:
             return None
         return {r.id for r in runs}, ",".join(sorted({r.queue for r in runs}))
