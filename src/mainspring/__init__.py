@@ -14,10 +14,40 @@ from mainspring.errors import (
     RunNotFound,
     TaskTimeout,
 )
+from mainspring.machines import (
+    Await,
+    ChildRun,
+    ChildSpec,
+    Done,
+    Machine,
+    Next,
+    Outcome,
+    Retry,
+    Spawn,
+    StepContext,
+    Stop,
+)
+from mainspring.ratelimits import RateLimitStatus
 from mainspring.run import Run
+from mainspring.signals import Signal, SignalResult, Signals
 
 __all__ = [
     "App",
+    "Await",
+    "ChildRun",
+    "ChildSpec",
+    "Done",
+    "Machine",
+    "Next",
+    "Outcome",
+    "RateLimitStatus",
+    "Retry",
+    "Signal",
+    "SignalResult",
+    "Signals",
+    "Spawn",
+    "StepContext",
+    "Stop",
     "BackendUnavailable",
     "Backoff",
     "Call",

@@ -16,22 +16,29 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from mainspring import payload
+from mainspring import payload as _payload
 from mainspring.backoff import Backoff
 from mainspring.batching import InsertBatcher
 from mainspring.cron import Cron
-from mainspring.errors import ConfigError, RunFailed, RunNotFound
+from mainspring.errors import ConfigError, EncodeError, RunFailed, RunNotFound
 from mainspring.ids import uuid7
 from mainspring.portal import Portal
+from mainspring.ratelimits import RateLimitRef, RateLimits, bucket_key
 from mainspring.run import AVAILABLE, SCHEDULED, TERMINAL, NewRun, NodeInfo, Run
 from mainspring.store.base import Store
+from mainspring.signals import SignalResult
 from mainspring.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from mainspring.machines.machine import Machine, MachineDef
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+M = TypeVar("M", bound="Machine")
 
 Executor = Literal["async", "thread", "process"]
 DEFAULT_URL = "sqlite:///mainspring.db"
@@ -84,6 +91,8 @@ class EnqueueOptions:
     max_attempts: int | None = None
     attributes: dict[str, Any] | None = None
     timeout: float | None = None
+    rate_limit: RateLimitRef | None = None
+    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +128,10 @@ class Call:
             max_attempts=max_attempts,
             correlation_key=opts.correlation_key,
             concurrency_key=opts.concurrency_key,
-            attributes=payload.dumps(opts.attributes or {}),
+            attributes=payload.dumps(opts.attributes) if opts.attributes else "{}",
             timeout=opts.timeout if opts.timeout is not None else task.timeout,
+            rate_limit=None if opts.rate_limit is None else bucket_key(opts.rate_limit),
+            weight=opts.weight,
         )
 
 
@@ -240,15 +251,25 @@ class Task(_Enqueuer[P, R]):
         max_attempts: int | None = None,
         attributes: dict[str, Any] | None = None,
         timeout: float | None = None,
+        rate_limit: RateLimitRef | None = None,
+        weight: int = 1,
     ) -> TaskWithOptions[P, R]:
-        """This task with options for the runs enqueued through the result."""
+        """This task with options for the runs enqueued through the result.
+
+        `rate_limit` ("name" or (name, partition)) makes each run wait for
+        `weight` tokens of that bucket (see `app.rate_limits.configure`).
+        """
         if delay is not None and run_at is not None:
             raise ConfigError("pass either delay or run_at, not both")
+        if rate_limit is not None:
+            bucket_key(rate_limit)  # validates the name now
+        if weight < 1:
+            raise ConfigError(f"weight must be >= 1, got {weight}")
         return TaskWithOptions(
             self,
             EnqueueOptions(
                 queue, priority, delay, run_at, correlation_key, concurrency_key, max_attempts,
-                attributes, timeout,
+                attributes, timeout, rate_limit, weight,
             ),
         )  # fmt: skip
 
@@ -282,6 +303,9 @@ class App:
         self.shutdown_grace = shutdown_grace
         self.process_pool_size = process_pool_size or os.cpu_count() or 2
         self.tasks: dict[str, Task[..., Any]] = {}
+        self.machines: dict[str, MachineDef] = {}
+        self.rate_limits = RateLimits(self)
+        self._rate_limits_dirty = False
         self.periodics: list[Periodic] = []
         self.queues: dict[str, QueueConfig] = {}
         self.telemetry = Telemetry()
@@ -400,6 +424,46 @@ class App:
 
         return register
 
+    def machine(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int = 20,
+        priority: int = 0,
+        backoff: Backoff | None = None,
+    ) -> Callable[[type[M]], type[M]]:
+        """Register a `ms.Machine` subclass: its public methods are its steps.
+
+        `max_attempts` and `backoff` apply to each step: an exception is a failed
+        attempt of that step, retried until the attempts run out.
+        """
+        from mainspring.machines.machine import Machine, MachineDef, steps_of
+
+        def register(cls: type[M]) -> type[M]:
+            if not (isinstance(cls, type) and issubclass(cls, Machine)):
+                raise ConfigError(f"@app.machine decorates a subclass of ms.Machine, got {cls!r}")
+            machine_name = name or f"{cls.__module__}.{cls.__qualname__}"
+            if machine_name in self.machines or machine_name in self.tasks:
+                raise ConfigError(f"a task or machine named {machine_name!r} is already registered")
+            if max_attempts < 1:
+                raise ConfigError(f"machine {machine_name!r}: max_attempts must be >= 1")
+            steps = steps_of(cls)
+            if cls.initial not in steps:
+                raise ConfigError(
+                    f"machine {machine_name!r}: its initial step {cls.initial!r} is not a method "
+                    f"(steps found: {', '.join(sorted(steps)) or 'none'})"
+                )
+            definition = MachineDef(
+                self, cls, machine_name, queue, max_attempts, priority,
+                backoff or Backoff.exponential(), steps,
+            )  # fmt: skip
+            cls._definition = definition
+            self.machines[machine_name] = definition
+            return cls
+
+        return register
+
     def queue(
         self, name: str, *, concurrency: int | None = None, global_limit: int | None = None
     ) -> QueueConfig:
@@ -420,6 +484,9 @@ class App:
         if store is None:
             store = await self.open_store()
             self._stores[loop] = store
+        if self._rate_limits_dirty:
+            self._rate_limits_dirty = False
+            await store.set_rate_limits(list(self.rate_limits.configs.values()))
         return store
 
     async def _inserter(self) -> InsertBatcher:
@@ -482,6 +549,61 @@ class App:
 
     def enqueue_many(self, calls: Iterable[Call]) -> list[RunHandle]:
         return self._sync(self.enqueue_many_async(list(calls)))
+
+    async def insert_async(self, run: NewRun) -> RunHandle:
+        """Insert one prepared run (machines start through this); returns its handle."""
+        actual = (await (await self._inserter()).insert([run]))[run.id]
+        handle = RunHandle(self, actual, actual == run.id)
+        if self.telemetry.listening("run.enqueued"):
+            self.telemetry.emit(
+                "run.enqueued", id=handle.id, name=run.name, queue=run.queue, state=run.state,
+                created=handle.created,
+            )  # fmt: skip
+        return handle
+
+    async def signal_async(
+        self,
+        run_id: str | None = None,
+        name: str | None = None,
+        payload: Any = None,
+        *,
+        correlation_key: str | None = None,
+        dedup_key: str | None = None,
+    ) -> SignalResult:
+        """Put a signal in a run's durable inbox, by run id or by the live run's correlation key.
+
+        A second signal with the same (run, dedup_key) is a no-op (DUPLICATE); a
+        finished run answers TERMINAL, an unknown one NOT_FOUND.
+        """
+        if (run_id is None) == (correlation_key is None):
+            raise ConfigError("signal a run by run_id or by correlation_key (exactly one)")
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"a signal needs a name (a non-empty string), got {name!r}")
+        try:
+            data = _payload.dumps(payload)
+        except EncodeError as exc:
+            raise EncodeError(f"the payload of signal {name!r} is not JSON encodable: {exc}") from None
+        store = await self.store()
+        delivery = await store.send_signal(run_id, correlation_key, uuid7(), name, data, dedup_key)
+        result = SignalResult(delivery.result)
+        self.telemetry.emit("signal.sent", name=name, run_id=delivery.run_id, result=result.value)
+        return result
+
+    def signal(
+        self,
+        run_id: str | None = None,
+        name: str | None = None,
+        payload: Any = None,
+        *,
+        correlation_key: str | None = None,
+        dedup_key: str | None = None,
+    ) -> SignalResult:
+        """Send a signal (sync client); see `signal_async`."""
+        return self._sync(
+            self.signal_async(
+                run_id, name, payload, correlation_key=correlation_key, dedup_key=dedup_key
+            )
+        )
 
     async def get_run_async(self, run_id: str) -> Run:
         run = await (await self.store()).get_run(run_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -46,6 +47,15 @@ class Run:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    # machines: the step to run next, its committed state, what a waiting run waits for
+    step: str | None = None
+    state_data: Any = None
+    rate_limit: str | None = None
+    weight: int = 1
+    awaits: list[str] | None = None
+    deadline: datetime | None = None
+    children_pending: int = 0
+    version: int = 1
 
     @property
     def terminal(self) -> bool:
@@ -74,6 +84,11 @@ class NewRun:
     attributes: str = "{}"
     timeout: float | None = None
     parent_id: str | None = None
+    step: str | None = None
+    state_data: str | None = None
+    rate_limit: str | None = None
+    weight: int = 1
+    version: int = 1
 
     @property
     def plain(self) -> bool:
@@ -86,6 +101,7 @@ class NewRun:
             and self.attributes == "{}"
             and self.timeout is None
             and self.parent_id is None
+            and self.rate_limit is None
         )
 
 
@@ -103,6 +119,38 @@ class Claimed:
     fence: int
     timeout: float | None
     created_at: datetime
+    parent_id: str | None = None
+    step: str | None = None
+    state_data: str | None = None  # JSON text, decoded by the model that runs the step
+    signal_seq: int = 0
+    awaits: list[str] | None = None
+    version: int = 1
+    rate_limit: str | None = None
+    weight: int = 1
+
+
+@dataclass(slots=True)
+class StepCommit:
+    """What a machine step commits beside the run's next state (see Outcome.step).
+
+    Every field is written: `awaits`, `wake_step`, `deadline` and `rate_limit`
+    are cleared when None. With Outcome.state `waiting`, the run parks for the
+    signals named in `awaits` (until `deadline`, then `wake_step` runs), or for
+    `children` to finish. A park whose run received a signal after the claim
+    (its signal_seq moved past `seen_seq`) is made available instead, so the
+    step that resolves the await re-reads the inbox: no wake-up is ever lost.
+    """
+
+    step: str
+    state_data: str
+    reset_attempt: bool = False
+    awaits: list[str] | None = None
+    wake_step: str | None = None
+    deadline: datetime | None = None
+    consume: Sequence[str] = ()
+    children: Sequence[NewRun] = ()
+    rate_limit: str | None = None
+    weight: int = 1
 
 
 @dataclass(slots=True)
@@ -121,6 +169,11 @@ class Outcome:
     run_at: datetime | None = None
     refund_attempt: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    parent_id: str | None = None  # the run's parent: a terminal outcome counts toward its fan-in
+    step: StepCommit | None = None
+    # With state waiting for signals: the run's signal_seq when it was claimed. A
+    # signal delivered since then makes the park available instead.
+    seen_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)

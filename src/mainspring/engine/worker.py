@@ -35,6 +35,7 @@ from mainspring.run import (
     COMPLETED,
     FAILED,
     SCHEDULED,
+    WAITING,
     Claimed,
     NewRun,
     Outcome,
@@ -44,6 +45,8 @@ from mainspring.store.base import QueueDemand, Store
 if TYPE_CHECKING:
     from mainspring.app import App, Task
     from mainspring.engine.procpool import ProcessPool
+    from mainspring.machines.runner import MachineRunner
+    from mainspring.machines.runner import MachineRunner
 
 log = logging.getLogger("mainspring.worker")
 
@@ -135,6 +138,7 @@ class Worker:
         self._rotate = 0
         self._notifications: set[asyncio.Future[None]] = set()
         self._known_elsewhere: tuple[float, set[str]] = (0.0, set())
+        self._machines: MachineRunner | None = None
         self.claimed_total = 0
         self.completed_total = 0
 
@@ -198,6 +202,8 @@ class Worker:
         limits = {q: c.global_limit for q, c in self.app.queues.items() if c.global_limit}
         if limits:
             await self.store.set_queue_limits(limits)
+        if self.app.rate_limits.configs:
+            await self.store.set_rate_limits(list(self.app.rate_limits.configs.values()))
         self._threads = DaemonThreadPool(self.concurrency)
         if any(t.executor == "process" for t in self.app.tasks.values()):
             from mainspring.engine.procpool import ProcessPool
@@ -291,6 +297,11 @@ class Worker:
                 self._slot_freed.set()  # unclaimed reservations are free again
             for run in claimed:
                 self._start_run(run)
+            for throttle in self.store.take_throttled():
+                self.telemetry.emit(
+                    "rate_limit.throttled", key=throttle.key, granted=throttle.granted,
+                    wanted=throttle.wanted, node=self.name,
+                )  # fmt: skip
             got = Counter(c.queue for c in claimed)
             if any(got[d.queue] >= d.limit for d in demand):
                 idle = self.poll_interval
@@ -340,14 +351,16 @@ class Worker:
 
     async def _execute(self, flight: InFlight) -> None:
         run = flight.run
-        task = self.app.tasks.get(run.name)
+        task = self.app.tasks.get(run.name) if run.kind == "job" else None
         outcome: Outcome | None
         try:
-            if task is None:
-                outcome = await self._unknown_task(run)
-            else:
+            if task is not None:
                 result = await self._invoke(task, run)
                 outcome = Outcome(run.id, run.fence, COMPLETED, output=payload.dumps(result))
+            elif run.kind == "machine" and run.name in self.app.machines:
+                outcome = await self._step(run)
+            else:
+                outcome = await self._unknown_task(run)
         except asyncio.CancelledError:
             outcome = None
             if flight.release and not flight.lost:
@@ -359,8 +372,22 @@ class Worker:
         if outcome is None:
             self._forget(run.id)
             return
+        outcome.parent_id = run.parent_id
         self._outcomes.append(outcome)
         self._outcome_ready.set()
+
+    async def _step(self, run: Claimed) -> Outcome:
+        if self._machines is None:
+            from mainspring.machines.runner import MachineRunner
+
+            self._machines = MachineRunner(self)
+        token = _current.set(
+            RunContext(run.id, run.name, run.queue, run.attempt, run.max_attempts, self.name)
+        )
+        try:
+            return await self._machines.execute(run)
+        finally:
+            _current.reset(token)
 
     async def _invoke(self, task: Task[..., Any], run: Claimed) -> Any:
         args = run.input.get("args", ())
@@ -400,9 +427,12 @@ class Worker:
         if isinstance(exc, EncodeError):
             info["message"] = f"the return value of task {run.name} is not JSON encodable: {exc}"
         error = payload.dumps(info)
-        if run.attempt >= run.max_attempts:
+        if run.attempt >= run.max_attempts or not getattr(exc, "retryable", True):
             return Outcome(run.id, run.fence, FAILED, error=error, extra={"exc": exc})
-        delay = task.backoff.delay(run.attempt) if task else 1.0
+        backoff = task.backoff if task else None
+        if backoff is None and run.kind == "machine" and run.name in self.app.machines:
+            backoff = self.app.machines[run.name].backoff
+        delay = backoff.delay(run.attempt) if backoff else 1.0
         at = datetime.now(UTC) + timedelta(seconds=delay)
         return Outcome(run.id, run.fence, SCHEDULED, error=error, run_at=at, extra={"exc": exc})
 
@@ -501,9 +531,10 @@ class Worker:
                 self.completed_total += 1
             if outcome.state == SCHEDULED:
                 self._timer_wake.set()
-            if outcome.state == AVAILABLE and run:
+            if outcome.state == AVAILABLE and run and outcome.step is None:
                 released.add(run.queue)
-            if not telemetry.listening(_EVENTS[outcome.state]):
+            event = "run.step" if outcome.step is not None else _EVENTS[outcome.state]
+            if not telemetry.listening(event):
                 continue
             meta: dict[str, Any] = {"id": outcome.id, "node": self.name}
             if run and flight:
@@ -515,7 +546,9 @@ class Worker:
                 meta["error"] = outcome.extra["exc"]
             if outcome.run_at:
                 meta["retry_at"] = outcome.run_at
-            telemetry.emit(_EVENTS[outcome.state], **meta)
+            if outcome.step is not None:
+                meta.update(step=outcome.step.step, state=outcome.state)
+            telemetry.emit(event, **meta)
         if released:
             for queue in released:
                 self._notify_soon(queue)
@@ -590,7 +623,8 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         await self.store.heartbeat_node(
-            self.name, self.queues, sorted(self.app.tasks), self.concurrency, self.status
+            self.name, self.queues, sorted([*self.app.tasks, *self.app.machines]),
+            self.concurrency, self.status,
         )
 
     async def _heartbeat_loop(self) -> None:
@@ -694,4 +728,5 @@ _EVENTS = {
     SCHEDULED: "run.retried",
     CANCELLED: "run.cancelled",
     AVAILABLE: "run.released",
+    WAITING: "run.waiting",
 }

@@ -34,6 +34,73 @@ class QueueStatus:
     counts: dict[str, int]
 
 
+@dataclass(frozen=True, slots=True)
+class SignalRow:
+    """One signal in a run's inbox (not yet consumed)."""
+
+    id: str
+    name: str
+    payload: Any
+    sent_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRow:
+    """One child of a run (what a parent sees of it after a Spawn)."""
+
+    id: str
+    kind: str
+    name: str
+    state: str
+    output: Any
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepData:
+    """What a claimed step reads besides its row: the unconsumed inbox and the children."""
+
+    inbox: list[SignalRow]
+    children: list[ChildRow]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalDelivery:
+    """What became of one signal: 'delivered', 'duplicate', 'not_found' or 'terminal'."""
+
+    result: str
+    run_id: str | None = None
+    woke: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A token bucket: `allowed` tokens per `period` seconds, holding at most `burst`."""
+
+    name: str
+    allowed: int
+    period: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketStatus:
+    """One bucket of a rate limit: tokens now (refilled to this moment) and runs waiting on it."""
+
+    key: str
+    tokens: float
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Throttle:
+    """A claim found `wanted` runs waiting on bucket `key` and could grant only `granted`."""
+
+    key: str
+    granted: int
+    wanted: int
+
+
 def run_from_row(row: Any, when: Callable[[Any], datetime | None]) -> Run:
     """A Run from a full ms_runs row (mapping-like); `when` turns stored times into datetimes."""
     loads = payload.loads
@@ -62,7 +129,24 @@ def run_from_row(row: Any, when: Callable[[Any], datetime | None]) -> Run:
         started_at=when(row["started_at"]),
         finished_at=when(row["finished_at"]),
         updated_at=when(row["updated_at"]),  # type: ignore[arg-type]
+        step=row["step"],
+        state_data=loads(row["state_data"]),
+        rate_limit=row["rate_limit"],
+        weight=row["weight"],
+        awaits=_names(row["awaits"]),
+        deadline=when(row["deadline"]),
+        children_pending=row["children_pending"],
+        version=row["version"],
     )
+
+
+def _names(value: Any) -> list[str] | None:
+    """A stored list of names: a text[] on PostgreSQL, JSON text on SQLite."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return list(payload.loads(value))
+    return list(value)
 
 
 class Store(abc.ABC):
@@ -114,6 +198,14 @@ class Store(abc.ABC):
         never a second running run for a concurrency_key; never beyond a
         queue's global limit. Each claimed run gets attempt + 1, a lease until
         now + lease_ttl owned by `node`, and a new fence.
+
+        Runs with a rate_limit (a bucket key: the limit's name, or
+        "name:partition") are granted only from their bucket's tokens: the
+        bucket refills lazily (tokens + elapsed * allowed / period, at most
+        burst; a new bucket starts full) and grants the highest-priority prefix
+        of its waiting runs whose cumulative weight fits, debiting what it
+        grants. Runs of an unconfigured limit are held. Buckets that granted
+        fewer than were waiting are reported by take_throttled().
         """
 
     @abc.abstractmethod
@@ -121,8 +213,61 @@ class Store(abc.ABC):
         """Commit attempt outcomes in one statement; returns the ids committed.
 
         An outcome whose fence no longer matches (lease lost, run cancelled or
-        taken over) is not written and its id is absent from the result.
+        taken over) is not written and its id is absent from the result, and
+        nothing else it carries happens. For each committed outcome, atomically:
+        - its StepCommit (`outcome.step`) columns are written, signals in
+          `consume` are marked consumed, `children` are inserted (parent_id =
+          the run) and `children_pending` is set to their number; a park
+          (state waiting with awaits) whose signal_seq moved past `seen_seq`
+          is made available instead;
+        - a terminal outcome marks the run's whole inbox consumed, and counts
+          toward its parent's fan-in: the parent's children_pending drops by
+          one and the parent, if waiting, becomes available when it reaches
+          zero (exactly once, whichever node commits the last child);
+        - rate-limit buckets named by the run or its children exist afterwards.
+        Workers of queues that got available runs are woken.
         """
+
+    def take_throttled(self) -> list[Throttle]:
+        """Buckets that granted fewer runs than were waiting, since the last call."""
+        return []
+
+    @abc.abstractmethod
+    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
+        """The unconsumed inbox and the children of each run, in one round trip."""
+
+    # -- signals and rate limits -------------------------------------------------
+
+    @abc.abstractmethod
+    async def send_signal(
+        self,
+        run_id: str | None,
+        correlation_key: str | None,
+        signal_id: str,
+        name: str,
+        payload_json: str,
+        dedup_key: str | None,
+    ) -> SignalDelivery:
+        """Put a signal in a run's durable inbox (by id, or the live run holding a key).
+
+        Duplicate (same run, same dedup_key): nothing written, 'duplicate'.
+        Terminal run: 'terminal'. No such run: 'not_found'. Otherwise the run's
+        signal_seq goes up and, if it waits for this name, it becomes
+        available ('delivered', woke=True) and its queue is woken. Serialized
+        with the run's commits by the row lock, so a park never misses it.
+        """
+
+    @abc.abstractmethod
+    async def set_rate_limits(self, configs: Sequence[RateLimitConfig]) -> None:
+        """Create or replace rate-limit configurations."""
+
+    @abc.abstractmethod
+    async def rate_limit_configs(self) -> dict[str, RateLimitConfig]:
+        """Every configured rate limit by name."""
+
+    @abc.abstractmethod
+    async def rate_limit_status(self, name: str) -> list[BucketStatus]:
+        """The buckets of a rate limit (one per partition) with tokens now and runs waiting."""
 
     @abc.abstractmethod
     async def extend_leases(
@@ -134,9 +279,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
-        """Make scheduled runs whose run_at has passed available.
+        """Make scheduled runs whose run_at has passed available, and time out awaits.
 
-        Returns the queues that got work and the next scheduled run_at, if any.
+        A waiting run whose deadline passed becomes available with step =
+        coalesce(wake_step, step) and awaits/deadline cleared. Returns the
+        queues that got work and the next moment something is due, if any.
         """
 
     @abc.abstractmethod
@@ -144,12 +291,17 @@ class Store(abc.ABC):
         """Take back runs whose lease expired (their node died or stalled).
 
         Each gets a new fence; it becomes available again, or failed when it
-        has used its last attempt. Returns (id, new state) pairs.
+        has used its last attempt (which counts toward its parent's fan-in, as
+        in commit_outcomes). Returns (id, new state) pairs.
         """
 
     @abc.abstractmethod
     async def delete_terminal(self, finished_before: datetime, limit: int) -> int:
-        """Delete at most `limit` terminal runs finished before the given time."""
+        """Delete at most `limit` terminal runs finished before the given time.
+
+        A child whose parent is not terminal is kept (the parent reads it);
+        a run's signals go with it.
+        """
 
     @abc.abstractmethod
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
@@ -179,7 +331,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def cancel_run(self, run_id: str) -> Run | None:
-        """Cancel a non-terminal run (a running one loses its lease at once); returns its row."""
+        """Cancel a non-terminal run and its non-terminal descendants; returns its row.
+
+        Running ones lose their lease at once (their nodes are told); inboxes
+        are cleared; the run counts toward its parent's fan-in.
+        """
 
     @abc.abstractmethod
     async def retry_run(self, run_id: str) -> Run | None:

@@ -10,15 +10,38 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
-from mainspring.run import AVAILABLE, COMPLETED, SCHEDULED, Claimed, NewRun, NodeInfo, Outcome, Run
-from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
+from mainspring.run import (
+    AVAILABLE,
+    COMPLETED,
+    SCHEDULED,
+    TERMINAL,
+    WAITING,
+    Claimed,
+    NewRun,
+    NodeInfo,
+    Outcome,
+    Run,
+)
+from mainspring.store.base import (
+    BucketStatus,
+    ChildRow,
+    QueueDemand,
+    QueueStatus,
+    RateLimitConfig,
+    SignalDelivery,
+    SignalRow,
+    StepData,
+    Store,
+    Throttle,
+    run_from_row,
+)
 from mainspring.store.queries import load_migrations, load_queries
 
 log = logging.getLogger("mainspring.store")
@@ -74,6 +97,9 @@ class PostgresStore(Store):
         self._limited_cache: dict[str, bool] | None = None
         self._limited_checked_at = 0.0
         self._listener: asyncpg.Connection | None = None
+        self._rated_cache: bool | None = None
+        self._rated_checked_at = 0.0
+        self._throttled: list[Throttle] = []
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -180,14 +206,16 @@ class PostgresStore(Store):
         if len(runs) == 1:
             r = runs[0]
             run_at = r.run_at if r.state == SCHEDULED else None
-            row_id = await self.pool.fetchval(
-                Q["insert_run"], r.id, r.kind, r.name, r.namespace, r.queue, r.state, r.priority,
-                run_at, r.max_attempts, r.timeout, r.correlation_key, r.concurrency_key,
-                r.parent_id, r.input, r.attributes,
-            )  # fmt: skip
-            if row_id is None:
-                return set(), None
-            return {row_id}, r.queue if r.state == AVAILABLE else "~timer"
+            if r.rate_limit is None:
+                row_id = await self.pool.fetchval(
+                    Q["insert_run"], r.id, r.kind, r.name, r.namespace, r.queue, r.state,
+                    r.priority, run_at, r.max_attempts, r.timeout, r.correlation_key,
+                    r.concurrency_key, r.parent_id, r.input, r.attributes, r.step, r.state_data,
+                    r.version,
+                )  # fmt: skip
+                if row_id is None:
+                    return set(), None
+                return {row_id}, r.queue if r.state == AVAILABLE else "~timer"
         if len(runs) >= _COPY_MIN and all(r.plain and r.state == AVAILABLE for r in runs):
             copied = await self._copy_plain(runs)
             if copied is not None:
@@ -211,7 +239,9 @@ class PostgresStore(Store):
                 [r.namespace for r in runs], queues, states, priorities, run_ats, attempts,
                 [r.timeout for r in runs], [r.correlation_key for r in runs],
                 [r.concurrency_key for r in runs], [r.parent_id for r in runs], inputs,
-                [r.attributes for r in runs],
+                [r.attributes for r in runs], [r.step for r in runs],
+                [r.state_data for r in runs], [r.rate_limit for r in runs],
+                [r.weight for r in runs], [r.version for r in runs],
             )  # fmt: skip
         return set(row["ids"]), row["wake"]
 
@@ -244,6 +274,18 @@ class PostgresStore(Store):
             # Unknown or limited queues: serialize with other claimers of those queues.
             return await self._claim_limited(node, queues, limits, lease_ttl)
         return await self._claim(await self.relaxed(), node, queues, limits, lease_ttl)
+
+    async def _rated(self, con: asyncpg.Pool | asyncpg.Connection) -> bool:
+        """Whether rate limits are configured (re-read every few seconds)."""
+        now = asyncio.get_running_loop().time()
+        if self._rated_cache is None or now - self._rated_checked_at > 5.0:
+            self._rated_cache = bool(await con.fetchval(Q["has_rate_limits"]))
+            self._rated_checked_at = now
+        return self._rated_cache
+
+    def take_throttled(self) -> list[Throttle]:
+        throttled, self._throttled = self._throttled, []
+        return throttled
 
     def _limited(self, queues: list[str]) -> list[str] | None:
         cache = self._limited_cache
@@ -282,9 +324,15 @@ class PostgresStore(Store):
         limits: list[int],
         lease_ttl: float,
     ) -> list[Claimed]:
+        rated = await self._rated(con)
         for _ in range(3):
             try:
-                rows = await con.fetch(Q["claim_runs"], queues, limits, node, lease_ttl)
+                if rated:
+                    rows = await con.fetch(
+                        Q["claim_rated_runs"], queues, limits, node, lease_ttl, max(limits)
+                    )
+                else:
+                    rows = await con.fetch(Q["claim_runs"], queues, limits, node, lease_ttl)
                 break
             except asyncpg.UniqueViolationError:
                 # Another node claimed a run with the same concurrency key at the same
@@ -293,11 +341,22 @@ class PostgresStore(Store):
         else:
             return []
         loads = payload.loads
-        return [
-            Claimed(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6], r[7], r[8], r[9]) for r in rows
-        ]
+        claimed = []
+        for r in rows:
+            if r[0] is None:  # a bucket that granted fewer than were waiting
+                self._throttled.append(Throttle(r[2], r[5], r[6]))
+                continue
+            claimed.append(
+                Claimed(
+                    r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6], r[7], r[8], r[9],
+                    r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17],
+                )  # fmt: skip
+            )
+        return claimed
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
+        if any(o.step or o.parent_id or o.state == WAITING for o in outcomes):
+            return await self._commit_steps(outcomes)
         if all(o.state == COMPLETED and o.error is None and o.run_at is None for o in outcomes):
             rows = await self.pool.fetch(
                 Q["commit_completed"],
@@ -318,6 +377,113 @@ class PostgresStore(Store):
         )
         return {r[0] for r in rows}
 
+    async def _commit_steps(self, outcomes: Sequence[Outcome]) -> set[str]:
+        steps = [o.step for o in outcomes]
+        consume = [(o.id, sid) for o in outcomes if o.step for sid in o.step.consume]
+        kids = [k for o in outcomes if o.step for k in o.step.children]
+        rows = await self.pool.fetch(
+            Q["commit_steps"],
+            [o.id for o in outcomes],
+            [o.fence for o in outcomes],
+            [o.state for o in outcomes],
+            [o.output for o in outcomes],
+            [o.error for o in outcomes],
+            [o.run_at for o in outcomes],
+            [1 if o.refund_attempt else 0 for o in outcomes],
+            [s is not None for s in steps],
+            [s.step if s else None for s in steps],
+            [s.state_data if s else None for s in steps],
+            [s.reset_attempt if s else False for s in steps],
+            [payload.dumps(s.awaits) if s and s.awaits is not None else None for s in steps],
+            [s.wake_step if s else None for s in steps],
+            [s.deadline if s else None for s in steps],
+            [o.seen_seq for o in outcomes],
+            [s.rate_limit if s else None for s in steps],
+            [s.weight if s else 1 for s in steps],
+            [len(s.children) if s else 0 for s in steps],
+            [c[0] for c in consume],
+            [c[1] for c in consume],
+            [k.id for k in kids],
+            [k.kind for k in kids],
+            [k.name for k in kids],
+            [k.queue for k in kids],
+            [k.state for k in kids],
+            [k.priority for k in kids],
+            [k.run_at if k.state == SCHEDULED else None for k in kids],
+            [k.max_attempts for k in kids],
+            [k.parent_id for k in kids],
+            [k.input for k in kids],
+            [k.step for k in kids],
+            [k.state_data for k in kids],
+            [k.rate_limit for k in kids],
+            [k.weight for k in kids],
+            [k.version for k in kids],
+            [k.concurrency_key for k in kids],
+            [k.timeout for k in kids],
+        )
+        woken = sorted({r["queue"] for r in rows if r["state"] == AVAILABLE})
+        if any(r["state"] == SCHEDULED for r in rows if r["what"] == "child"):
+            woken.append("~timer")
+        if woken:
+            await self.notify(",".join(woken))
+        return {r["id"] for r in rows if r["what"] == "run"}
+
+    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
+        rows = await self.pool.fetch(Q["load_step_data"], list(run_ids))
+        loads = payload.loads
+        result = {}
+        for row in rows:
+            inbox = [
+                SignalRow(i, n, p, datetime.fromtimestamp(t, UTC))
+                for i, n, p, t in loads(row["inbox"])
+            ]
+            children = [ChildRow(*c) for c in loads(row["children"])]
+            result[row["id"]] = StepData(inbox, children)
+        return result
+
+    async def send_signal(
+        self,
+        run_id: str | None,
+        correlation_key: str | None,
+        signal_id: str,
+        name: str,
+        payload_json: str,
+        dedup_key: str | None,
+    ) -> SignalDelivery:
+        row = await self.pool.fetchrow(
+            Q["send_signal"], run_id, signal_id, name, payload_json, dedup_key, correlation_key
+        )
+        target = row["run_id"]
+        if target is None:
+            if correlation_key is not None and run_id is None:
+                held = await self.pool.fetchval(Q["terminal_with_key"], correlation_key)
+                if held is not None:
+                    return SignalDelivery("terminal", held)
+            return SignalDelivery("not_found")
+        if row["old_state"] in TERMINAL:
+            return SignalDelivery("terminal", target)
+        if not row["inserted"]:
+            return SignalDelivery("duplicate", target)
+        woke = row["old_state"] != AVAILABLE and row["new_state"] == AVAILABLE
+        if woke:
+            await self.notify(row["queue"])
+        return SignalDelivery("delivered", target, woke)
+
+    async def set_rate_limits(self, configs: Sequence[RateLimitConfig]) -> None:
+        async with self.pool.acquire() as con, con.transaction():
+            for c in configs:
+                await con.execute(Q["set_rate_limit"], c.name, c.allowed, c.period, c.burst)
+        if configs:
+            self._rated_cache = True
+
+    async def rate_limit_configs(self) -> dict[str, RateLimitConfig]:
+        rows = await self.pool.fetch(Q["rate_limit_configs"])
+        return {r["name"]: RateLimitConfig(*r) for r in rows}
+
+    async def rate_limit_status(self, name: str) -> list[BucketStatus]:
+        rows = await self.pool.fetch(Q["rate_limit_status"], name)
+        return [BucketStatus(r["key"], float(r["tokens"]), int(r["waiting"])) for r in rows]
+
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
     ) -> set[str]:
@@ -329,6 +495,7 @@ class PostgresStore(Store):
     async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
         async with (await self.relaxed()).acquire() as con:
             rows = await con.fetch(Q["promote_due"], limit)
+            rows += await con.fetch(Q["expire_awaits"], limit)
             queues = sorted({r[0] for r in rows})
             if queues:
                 await con.execute(Q["notify"], ",".join(queues))
@@ -340,7 +507,7 @@ class PostgresStore(Store):
         queues = sorted({r["queue"] for r in rows if r["state"] == "available"})
         if queues:
             await self.notify(",".join(queues))
-        return [(r["id"], r["state"]) for r in rows]
+        return [(r["id"], r["state"]) for r in rows if r["id"] is not None]
 
     async def delete_terminal(self, finished_before: datetime, limit: int) -> int:
         status = await self.pool.execute(Q["delete_terminal"], finished_before, limit)
@@ -369,7 +536,10 @@ class PostgresStore(Store):
         return [_run(r) for r in rows]
 
     async def cancel_run(self, run_id: str) -> Run | None:
-        await self.pool.fetch(Q["cancel_run"], run_id)
+        rows = await self.pool.fetch(Q["cancel_run"], run_id)
+        woke = {r["woke"] for r in rows if r["woke"]}
+        if woke:
+            await self.notify(",".join(sorted(woke)))
         return await self.get_run(run_id)
 
     async def retry_run(self, run_id: str) -> Run | None:

@@ -3,24 +3,34 @@
 
 -- insert_runs --
 -- Insert a batch of runs (arrays, one element per run); duplicates of a live
--- correlation_key or an existing id are skipped. Returns the ids inserted and
--- the wake-up to send: queues that got available work, '~timer' for scheduled
--- runs. (The NOTIFY goes out after this commits: NOTIFY inside the insert would
--- hold PostgreSQL's global notify lock across the commit's fsync and serialize
+-- correlation_key or an existing id are skipped, and the buckets of
+-- rate-limited runs are created. Returns the ids inserted and the wake-up to
+-- send: queues that got available work, '~timer' for scheduled runs. (The
+-- NOTIFY goes out after this commits: NOTIFY inside the insert would hold
+-- PostgreSQL's global notify lock across the commit's fsync and serialize
 -- every concurrent enqueue.)
 WITH ins AS (
     INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
-                         timeout, correlation_key, concurrency_key, parent_id, input, attributes)
+                         timeout, correlation_key, concurrency_key, parent_id, input, attributes,
+                         step, state_data, rate_limit, weight, version)
     SELECT i.id, i.kind, i.name, i.namespace, i.queue, i.state, i.priority,
            coalesce(i.run_at, now()), i.max_attempts, i.timeout, i.correlation_key,
-           i.concurrency_key, i.parent_id, i.input, i.attributes
+           i.concurrency_key, i.parent_id, i.input, i.attributes, i.step, i.state_data,
+           i.rate_limit, i.weight, i.version
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::timestamptz[], $9::int[], $10::float8[], $11::text[],
-                $12::text[], $13::text[], $14::json[], $15::jsonb[])
+                $12::text[], $13::text[], $14::json[], $15::jsonb[], $16::text[], $17::json[],
+                $18::text[], $19::int[], $20::int[])
          AS i(id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
-              timeout, correlation_key, concurrency_key, parent_id, input, attributes)
+              timeout, correlation_key, concurrency_key, parent_id, input, attributes,
+              step, state_data, rate_limit, weight, version)
     ON CONFLICT DO NOTHING
-    RETURNING id, queue, state
+    RETURNING id, queue, state, rate_limit
+), buckets AS (
+    INSERT INTO ms_rate_buckets (key, name)
+    SELECT DISTINCT rate_limit, split_part(rate_limit, ':', 1) FROM ins
+    WHERE rate_limit IS NOT NULL
+    ON CONFLICT DO NOTHING
 )
 SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
        (SELECT string_agg(DISTINCT CASE WHEN state = 'available' THEN queue ELSE '~timer' END, ',')
@@ -45,11 +55,14 @@ SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
         FROM ins) AS wake
 
 -- insert_run --
--- Insert one run (the single-enqueue path: no arrays to unnest). Returns its
--- id when inserted, nothing when its correlation_key is held or the id exists.
+-- Insert one run without a rate limit (the single-enqueue path: no arrays to
+-- unnest). Returns its id when inserted, nothing when its correlation_key is
+-- held or the id exists.
 INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
-                     timeout, correlation_key, concurrency_key, parent_id, input, attributes)
-VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12, $13, $14, $15)
+                     timeout, correlation_key, concurrency_key, parent_id, input, attributes,
+                     step, state_data, version)
+VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12, $13, $14, $15, $16,
+        $17, $18)
 ON CONFLICT DO NOTHING
 RETURNING id
 
@@ -72,7 +85,7 @@ WITH cand AS (
     CROSS JOIN LATERAL (
         SELECT r.ctid, r.id, r.concurrency_key, r.priority, r.run_at
         FROM ms_runs r
-        WHERE r.state = 'available' AND r.queue = q.queue
+        WHERE r.state = 'available' AND r.queue = q.queue AND r.rate_limit IS NULL
           AND (r.concurrency_key IS NULL OR NOT EXISTS (
                 SELECT 1 FROM ms_runs h
                 WHERE h.concurrency_key = r.concurrency_key AND h.state = 'running'))
@@ -91,7 +104,99 @@ SET state = 'running', attempt = r.attempt + 1, fence = r.fence + 1,
     started_at = now(), updated_at = now()
 WHERE r.ctid = ANY (ARRAY(SELECT ctid FROM pick))
 RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
-          r.fence, r.timeout, r.created_at
+          r.fence, r.timeout, r.created_at, r.parent_id, r.step, r.state_data::text AS state_data,
+          r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
+
+-- claim_rated_runs --
+-- The claim when rate limits are configured: the plain claim above, plus runs
+-- granted by their token bucket. Buckets with waiting runs in these queues are
+-- locked (SKIP LOCKED: another node is granting from them), refilled lazily
+-- (tokens + elapsed * allowed / period, at most burst; NULL = full), and grant
+-- the highest-priority prefix of their waiting runs whose cumulative weight
+-- fits; what is granted is debited in the same statement. Runs of a limit with
+-- no configuration are never granted. Rows with a NULL id report a bucket that
+-- granted fewer than were waiting: (name = key, attempt = granted, max_attempts = wanted).
+WITH bk AS (
+    SELECT b.key,
+           least(l.burst::float8, coalesce(b.tokens, l.burst)
+                 + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period) AS tokens
+    FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
+    WHERE EXISTS (SELECT 1 FROM ms_runs r
+                  WHERE r.state = 'available' AND r.rate_limit = b.key AND r.queue = ANY($1::text[]))
+    FOR UPDATE OF b SKIP LOCKED
+), rc AS (
+    SELECT c.*, bk.tokens AS bucket_tokens
+    FROM bk CROSS JOIN LATERAL (
+        SELECT r.ctid, r.id, r.queue, r.concurrency_key, r.priority, r.run_at, r.rate_limit, r.weight
+        FROM ms_runs r
+        WHERE r.state = 'available' AND r.rate_limit = bk.key AND r.queue = ANY($1::text[])
+          AND (r.concurrency_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ms_runs h
+                WHERE h.concurrency_key = r.concurrency_key AND h.state = 'running'))
+        ORDER BY r.priority DESC, r.run_at, r.id
+        LIMIT $5
+        FOR UPDATE SKIP LOCKED
+    ) c
+), granted AS (
+    SELECT * FROM (
+        SELECT rc.*, sum(rc.weight) OVER (PARTITION BY rc.rate_limit
+                                          ORDER BY rc.priority DESC, rc.run_at, rc.id) AS cum
+        FROM rc
+    ) g
+    WHERE g.cum <= g.bucket_tokens
+), plain AS (
+    SELECT c.ctid, c.id, c.queue, c.concurrency_key, c.priority, c.run_at
+    FROM unnest($1::text[], $2::int[]) AS q(queue, n)
+    CROSS JOIN LATERAL (
+        SELECT r.ctid, r.id, r.queue, r.concurrency_key, r.priority, r.run_at
+        FROM ms_runs r
+        WHERE r.state = 'available' AND r.queue = q.queue AND r.rate_limit IS NULL
+          AND (r.concurrency_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ms_runs h
+                WHERE h.concurrency_key = r.concurrency_key AND h.state = 'running'))
+        ORDER BY r.priority DESC, r.run_at, r.id
+        LIMIT q.n
+        FOR UPDATE SKIP LOCKED
+    ) c
+), cand AS (
+    SELECT ctid, id, queue, concurrency_key, priority, run_at, NULL::text AS rate_limit, 0 AS weight
+    FROM plain
+    UNION ALL
+    SELECT ctid, id, queue, concurrency_key, priority, run_at, rate_limit, weight FROM granted
+), pick AS (
+    SELECT p.* FROM (
+        SELECT d.*, row_number() OVER (PARTITION BY d.queue ORDER BY d.priority DESC, d.run_at, d.id) AS rn
+        FROM (
+            SELECT DISTINCT ON (coalesce(concurrency_key, id)) *
+            FROM cand
+            ORDER BY coalesce(concurrency_key, id), priority DESC, run_at, id
+        ) d
+    ) p
+    JOIN unnest($1::text[], $2::int[]) AS q(queue, n) ON q.queue = p.queue
+    WHERE p.rn <= q.n
+), debit AS (
+    UPDATE ms_rate_buckets b
+    SET tokens = bk.tokens - s.spent, refilled_at = now()
+    FROM bk JOIN (SELECT rate_limit, sum(weight) AS spent FROM pick
+                  WHERE rate_limit IS NOT NULL GROUP BY rate_limit) s ON s.rate_limit = bk.key
+    WHERE b.key = bk.key
+), upd AS (
+    UPDATE ms_runs r
+    SET state = 'running', attempt = r.attempt + 1, fence = r.fence + 1,
+        lease_owner = $3, lease_expires_at = now() + make_interval(secs => $4),
+        started_at = now(), updated_at = now()
+    WHERE r.ctid = ANY (ARRAY(SELECT ctid FROM pick))
+    RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
+              r.fence, r.timeout, r.created_at, r.parent_id, r.step,
+              r.state_data::text AS state_data, r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
+)
+SELECT * FROM upd
+UNION ALL
+SELECT NULL, NULL, w.rate_limit, NULL, NULL, count(*) FILTER (WHERE p.id IS NOT NULL)::int,
+       count(*)::int, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM rc w LEFT JOIN pick p ON p.id = w.id
+GROUP BY w.rate_limit
+HAVING count(*) FILTER (WHERE p.id IS NOT NULL) < count(*)
 
 -- lock_queue --
 -- Serialize claims on a queue with a global limit for the rest of the transaction.
@@ -138,6 +243,145 @@ FROM unnest($1::text[], $2::bigint[], $3::json[]) AS o(id, fence, output)
 WHERE r.id = ANY($1::text[]) AND r.id = o.id AND r.fence = o.fence
 RETURNING r.id
 
+-- commit_steps --
+-- The general commit, for batches with machine steps or runs that have a
+-- parent: outcomes as in commit_outcomes plus each step's columns ($8..$18,
+-- written when has_step), the signals it consumed ($19 run ids, $20 signal
+-- ids), and the children it spawned ($21..$38). In one statement, only for the
+-- runs whose fence matched: a park whose run got a signal since the claim
+-- (signal_seq moved past seen_seq) becomes available so the await is
+-- re-checked; terminal runs have their inbox cleared and count toward their
+-- parent's fan-in (the parent's row lock serializes concurrent last children,
+-- so exactly one of them wakes it); buckets of rate-limited steps are created.
+-- Returns what = 'run' (committed), 'parent' (fan-in) and 'child' rows with
+-- their state and queue, for the wake-ups.
+WITH o AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::json[], $5::json[],
+                         $6::timestamptz[], $7::int[], $8::bool[], $9::text[], $10::json[],
+                         $11::bool[], $12::json[], $13::text[], $14::timestamptz[], $15::bigint[],
+                         $16::text[], $17::int[], $18::int[])
+        AS o(id, fence, state, output, error, run_at, refund, has_step, step, state_data,
+             reset, awaits, wake_step, deadline, seen_seq, rate_limit, weight, n_children)
+), upd AS (
+    UPDATE ms_runs r
+    SET state = CASE WHEN o.state = 'waiting' AND r.signal_seq <> o.seen_seq
+                          AND CASE WHEN o.has_step THEN o.awaits IS NOT NULL
+                                   ELSE r.awaits IS NOT NULL END
+                     THEN 'available' ELSE o.state END,
+        output = o.output,
+        error = coalesce(o.error, r.error),
+        run_at = coalesce(o.run_at, r.run_at),
+        attempt = CASE WHEN o.reset THEN 0 ELSE r.attempt - o.refund END,
+        fence = r.fence + 1,
+        finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN now() END,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+        step = CASE WHEN o.has_step THEN o.step ELSE r.step END,
+        state_data = CASE WHEN o.has_step THEN o.state_data ELSE r.state_data END,
+        awaits = CASE WHEN NOT o.has_step THEN r.awaits
+                      WHEN o.awaits IS NULL THEN NULL
+                      ELSE ARRAY(SELECT json_array_elements_text(o.awaits)) END,
+        wake_step = CASE WHEN o.has_step THEN o.wake_step ELSE r.wake_step END,
+        deadline = CASE WHEN o.has_step THEN o.deadline ELSE r.deadline END,
+        rate_limit = CASE WHEN o.has_step THEN o.rate_limit ELSE r.rate_limit END,
+        weight = CASE WHEN o.has_step THEN o.weight ELSE r.weight END,
+        children_pending = CASE WHEN o.has_step THEN o.n_children ELSE r.children_pending END
+    FROM o
+    WHERE r.id = ANY($1::text[]) AND r.id = o.id AND r.fence = o.fence
+    RETURNING r.id, r.state, r.queue, r.parent_id, r.rate_limit
+), consumed AS (
+    UPDATE ms_signals s SET consumed_at = now()
+    FROM unnest($19::text[], $20::text[]) AS c(run_id, signal_id)
+    JOIN upd ON upd.id = c.run_id AND upd.state NOT IN ('completed', 'failed', 'cancelled')
+    WHERE s.id = c.signal_id AND s.target_id = c.run_id AND s.consumed_at IS NULL
+), cleared AS (
+    UPDATE ms_signals s SET consumed_at = now()
+    FROM upd
+    WHERE s.target_id = upd.id AND upd.state IN ('completed', 'failed', 'cancelled')
+      AND s.consumed_at IS NULL
+), kids AS (
+    INSERT INTO ms_runs (id, kind, name, queue, state, priority, run_at, max_attempts, parent_id,
+                         input, step, state_data, rate_limit, weight, version, concurrency_key,
+                         timeout)
+    SELECT k.id, k.kind, k.name, k.queue, k.state, k.priority, coalesce(k.run_at, now()),
+           k.max_attempts, k.parent_id, k.input, k.step, k.state_data, k.rate_limit, k.weight,
+           k.version, k.concurrency_key, k.timeout
+    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::int[],
+                $27::timestamptz[], $28::int[], $29::text[], $30::json[], $31::text[],
+                $32::json[], $33::text[], $34::int[], $35::int[], $36::text[], $37::float8[])
+         AS k(id, kind, name, queue, state, priority, run_at, max_attempts, parent_id, input,
+              step, state_data, rate_limit, weight, version, concurrency_key, timeout)
+    WHERE k.parent_id IN (SELECT id FROM upd)
+    RETURNING id, state, queue, rate_limit
+), fanin AS (
+    UPDATE ms_runs p
+    SET children_pending = p.children_pending - d.n,
+        state = CASE WHEN p.state = 'waiting' AND p.children_pending - d.n <= 0
+                     THEN 'available' ELSE p.state END,
+        updated_at = now()
+    FROM (SELECT parent_id, count(*) AS n FROM upd
+          WHERE state IN ('completed', 'failed', 'cancelled') AND parent_id IS NOT NULL
+          GROUP BY parent_id) d
+    WHERE p.id = d.parent_id
+    RETURNING p.id, p.state, p.queue
+), buckets AS (
+    INSERT INTO ms_rate_buckets (key, name)
+    SELECT DISTINCT x.rate_limit, split_part(x.rate_limit, ':', 1)
+    FROM (SELECT rate_limit FROM upd UNION ALL SELECT rate_limit FROM kids) x
+    WHERE x.rate_limit IS NOT NULL
+    ON CONFLICT DO NOTHING
+)
+SELECT 'run' AS what, id, state, queue FROM upd
+UNION ALL SELECT 'parent', id, state, queue FROM fanin
+UNION ALL SELECT 'child', id, state, queue FROM kids
+
+-- load_step_data --
+-- Each run's unconsumed inbox and its children, as JSON, in one round trip.
+SELECT t.id,
+       (SELECT coalesce(json_agg(json_build_array(s.id, s.name, s.payload,
+                                                  extract(epoch FROM s.created_at)) ORDER BY s.id),
+                        '[]'::json)
+        FROM ms_signals s WHERE s.target_id = t.id AND s.consumed_at IS NULL)::text AS inbox,
+       (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output, c.error)
+                                 ORDER BY c.id), '[]'::json)
+        FROM ms_runs c WHERE c.parent_id = t.id)::text AS children
+FROM unnest($1::text[]) AS t(id)
+
+-- send_signal --
+-- Deliver a signal ($2 id, $3 name, $4 payload, $5 dedup key) to run $1, or to
+-- the live run holding correlation key $6. The target row is locked first, so
+-- delivery and the run's own commits are serialized: a park that commits
+-- first is woken here; a park that commits after sees signal_seq moved.
+WITH target AS (
+    SELECT r.id, r.state FROM ms_runs r
+    WHERE r.id = coalesce($1, (SELECT k.id FROM ms_runs k
+                               WHERE k.correlation_key = $6
+                                 AND k.state IN ('scheduled', 'available', 'running', 'waiting')))
+    FOR NO KEY UPDATE
+), ins AS (
+    INSERT INTO ms_signals (id, target_id, name, payload, dedup_key)
+    SELECT $2, target.id, $3, $4::json, $5 FROM target
+    WHERE target.state NOT IN ('completed', 'failed', 'cancelled')
+    ON CONFLICT DO NOTHING
+    RETURNING target_id
+), wake AS (
+    UPDATE ms_runs r
+    SET signal_seq = r.signal_seq + 1,
+        state = CASE WHEN r.state = 'waiting' AND $3 = ANY(r.awaits) THEN 'available'
+                     ELSE r.state END,
+        updated_at = now()
+    FROM ins WHERE r.id = ins.target_id
+    RETURNING r.state, r.queue
+)
+SELECT (SELECT id FROM target) AS run_id, (SELECT state FROM target) AS old_state,
+       (SELECT count(*) FROM ins) AS inserted, (SELECT state FROM wake) AS new_state,
+       (SELECT queue FROM wake) AS queue
+
+-- terminal_with_key --
+-- A terminal run that held correlation key $1, if any.
+SELECT id FROM ms_runs
+WHERE correlation_key = $1 AND state IN ('completed', 'failed', 'cancelled')
+LIMIT 1
+
 -- extend_leases --
 -- Push out the leases this node ($3) still holds under their fence; returns the ids held.
 UPDATE ms_runs r
@@ -160,38 +404,75 @@ FROM due WHERE r.id = due.id
 RETURNING r.queue
 
 -- next_due --
--- When the next scheduled run is due.
-SELECT min(run_at) FROM ms_runs WHERE state = 'scheduled'
+-- When the next scheduled run or await deadline is due.
+SELECT least((SELECT min(run_at) FROM ms_runs WHERE state = 'scheduled'),
+             (SELECT min(deadline) FROM ms_runs WHERE state = 'waiting' AND deadline IS NOT NULL))
+
+-- expire_awaits --
+-- Waiting runs whose await deadline passed become available on their timeout
+-- step (the await's step when it named none). "state = 'waiting'" is checked
+-- again on the row, so a signal that woke the run first wins.
+UPDATE ms_runs r
+SET state = 'available', step = coalesce(r.wake_step, r.step), awaits = NULL, deadline = NULL,
+    wake_step = NULL, updated_at = now()
+WHERE r.id IN (SELECT id FROM ms_runs
+               WHERE state = 'waiting' AND deadline <= now()
+               ORDER BY deadline
+               LIMIT $1
+               FOR UPDATE SKIP LOCKED)
+  AND r.state = 'waiting'
+RETURNING r.queue
 
 -- reap_expired --
 -- Runs whose lease expired go back to available (or failed on their last
--- attempt) under a new fence, so the silent owner can never commit.
+-- attempt) under a new fence, so the silent owner can never commit. A run
+-- that fails here has its inbox cleared and counts toward its parent's fan-in.
 WITH dead AS (
     SELECT id FROM ms_runs
     WHERE state = 'running' AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE ms_runs r
+    SET state = CASE WHEN r.attempt >= r.max_attempts THEN 'failed' ELSE 'available' END,
+        error = json_build_object(
+            'type', 'LeaseExpired',
+            'message', 'lease held by node ' || coalesce(r.lease_owner, '?') || ' expired at '
+                       || r.lease_expires_at::text || ' (node presumed dead or stalled)',
+            'traceback', NULL),
+        finished_at = CASE WHEN r.attempt >= r.max_attempts THEN now() END,
+        fence = r.fence + 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM dead
+    WHERE r.id = dead.id
+    RETURNING r.id, r.state, r.queue, r.parent_id
+), cleared AS (
+    UPDATE ms_signals s SET consumed_at = now()
+    FROM upd WHERE s.target_id = upd.id AND upd.state = 'failed' AND s.consumed_at IS NULL
+), fanin AS (
+    UPDATE ms_runs p
+    SET children_pending = p.children_pending - d.n,
+        state = CASE WHEN p.state = 'waiting' AND p.children_pending - d.n <= 0
+                     THEN 'available' ELSE p.state END,
+        updated_at = now()
+    FROM (SELECT parent_id, count(*) AS n FROM upd
+          WHERE state = 'failed' AND parent_id IS NOT NULL GROUP BY parent_id) d
+    WHERE p.id = d.parent_id
+    RETURNING p.id, p.state, p.queue
 )
-UPDATE ms_runs r
-SET state = CASE WHEN r.attempt >= r.max_attempts THEN 'failed' ELSE 'available' END,
-    error = json_build_object(
-        'type', 'LeaseExpired',
-        'message', 'lease held by node ' || coalesce(r.lease_owner, '?') || ' expired at '
-                   || r.lease_expires_at::text || ' (node presumed dead or stalled)',
-        'traceback', NULL),
-    finished_at = CASE WHEN r.attempt >= r.max_attempts THEN now() END,
-    fence = r.fence + 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-FROM dead
-WHERE r.id = dead.id
-RETURNING r.id, r.state, r.queue
+SELECT id, state, queue FROM upd
+UNION ALL SELECT NULL, state, queue FROM fanin
 
 -- delete_terminal --
--- Delete one batch of terminal runs finished before $1.
+-- Delete one batch of terminal runs finished before $1 (their signals go by
+-- cascade); a child whose parent is not terminal stays, the parent reads it.
 WITH old AS (
-    SELECT id FROM ms_runs
-    WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < $1
-    ORDER BY finished_at
+    SELECT r.id FROM ms_runs r
+    WHERE r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < $1
+      AND (r.parent_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM ms_runs p
+            WHERE p.id = r.parent_id AND p.state NOT IN ('completed', 'failed', 'cancelled')))
+    ORDER BY r.finished_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
@@ -201,7 +482,8 @@ DELETE FROM ms_runs r USING old WHERE r.id = old.id
 -- Runs of queues $1 that are available, running, or scheduled before $2.
 SELECT count(*) FROM ms_runs
 WHERE queue = ANY($1::text[])
-  AND (state IN ('available', 'running') OR (state = 'scheduled' AND run_at < $2))
+  AND (state IN ('available', 'running') OR (state = 'scheduled' AND run_at < $2)
+       OR (state = 'waiting' AND deadline < $2))
 
 -- get_runs --
 -- Full rows of runs by id.
@@ -218,19 +500,40 @@ ORDER BY id DESC
 LIMIT $5
 
 -- cancel_run --
--- Cancel a non-terminal run; a running one gets a new fence and its node is told.
-WITH target AS (
-    SELECT id, state AS old_state FROM ms_runs WHERE id = $1 FOR UPDATE
+-- Cancel a non-terminal run and its non-terminal descendants; running ones get
+-- a new fence and their nodes are told. Inboxes are cleared, and the run
+-- counts toward its own parent's fan-in. Returns the cancelled runs.
+WITH RECURSIVE tree AS (
+    SELECT id FROM ms_runs WHERE id = $1
+    UNION
+    SELECT c.id FROM ms_runs c JOIN tree ON c.parent_id = tree.id
+), target AS (
+    SELECT r.id, r.state AS old_state, r.parent_id FROM ms_runs r JOIN tree USING (id)
+    ORDER BY r.id
+    FOR UPDATE OF r
 ), upd AS (
     UPDATE ms_runs r
     SET state = 'cancelled', fence = r.fence + 1, finished_at = now(),
         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
     FROM target
     WHERE r.id = target.id AND target.old_state NOT IN ('completed', 'failed', 'cancelled')
-    RETURNING r.id, target.old_state
+    RETURNING r.id, target.old_state, target.parent_id
+), cleared AS (
+    UPDATE ms_signals s SET consumed_at = now()
+    FROM upd WHERE s.target_id = upd.id AND s.consumed_at IS NULL
+), fanin AS (
+    UPDATE ms_runs p
+    SET children_pending = p.children_pending - 1,
+        state = CASE WHEN p.state = 'waiting' AND p.children_pending - 1 <= 0
+                     THEN 'available' ELSE p.state END,
+        updated_at = now()
+    FROM upd
+    WHERE upd.id = $1 AND p.id = upd.parent_id
+    RETURNING p.queue, p.state
 )
 SELECT id, old_state,
-       CASE WHEN old_state = 'running' THEN pg_notify('mainspring', 'cancel:' || id) END
+       CASE WHEN old_state = 'running' THEN pg_notify('mainspring', 'cancel:' || id) END,
+       (SELECT queue FROM fanin WHERE state = 'available') AS woke
 FROM upd
 
 -- retry_run --
@@ -289,3 +592,29 @@ DELETE FROM ms_nodes WHERE heartbeat_at < now() - make_interval(secs => $1) RETU
 -- notify --
 -- Wake listeners.
 SELECT pg_notify('mainspring', $1)
+
+-- set_rate_limit --
+-- Create or replace a rate limit's configuration.
+INSERT INTO ms_rate_limits (name, allowed, period, burst) VALUES ($1, $2, $3, $4)
+ON CONFLICT (name) DO UPDATE
+SET allowed = excluded.allowed, period = excluded.period, burst = excluded.burst,
+    updated_at = now()
+
+-- rate_limit_configs --
+-- Every configured rate limit.
+SELECT name, allowed, period, burst FROM ms_rate_limits
+
+-- rate_limit_status --
+-- The buckets of rate limit $1: tokens refilled to now and runs waiting on each.
+SELECT b.key,
+       least(l.burst::float8, coalesce(b.tokens, l.burst)
+             + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period) AS tokens,
+       (SELECT count(*) FROM ms_runs r
+        WHERE r.state = 'available' AND r.rate_limit = b.key) AS waiting
+FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
+WHERE b.name = $1
+ORDER BY b.key
+
+-- has_rate_limits --
+-- Whether any rate limit is configured (the claim then grants from buckets).
+SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
