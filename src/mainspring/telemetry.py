@@ -1,7 +1,8 @@
 """Named engine events with handlers a user can attach.
 
 Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
-run.cancelled, run.lease_lost, run.released, node.up, node.down, node.loop_crashed.
+run.cancelled, run.lease_lost, run.released, run.step, run.waiting, signal.sent,
+rate_limit.throttled, rate_limit.unknown, node.up, node.down, node.loop_crashed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -25,6 +26,11 @@ EVENTS = (
     "run.cancelled",
     "run.lease_lost",
     "run.released",
+    "run.step",
+    "run.waiting",
+    "signal.sent",
+    "rate_limit.throttled",
+    "rate_limit.unknown",
     "node.up",
     "node.down",
     "node.loop_crashed",

@@ -297,7 +297,8 @@ class Worker:
                 self._slot_freed.set()  # unclaimed reservations are free again
             for run in claimed:
                 self._start_run(run)
-            for throttle in self.store.take_throttled():
+            throttled = self.store.take_throttled()
+            for throttle in throttled:
                 self.telemetry.emit(
                     "rate_limit.throttled", key=throttle.key, granted=throttle.granted,
                     wanted=throttle.wanted, node=self.name,
@@ -311,6 +312,10 @@ class Worker:
                 self._slot_freed.set()
                 self._work.set()
                 return
+            if throttled:
+                # Runs wait on a bucket that refills with time, not with a wake-up.
+                await wait_event(self._work, self.poll_interval)
+                continue
             idle = await self._wait_for_work(idle if not claimed else self.poll_interval / 10)
 
     async def _wait_for_work(self, idle: float) -> float:
