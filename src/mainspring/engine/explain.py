@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from mainspring.run import AVAILABLE, RUNNING, SCHEDULED, TERMINAL, WAITING, NodeInfo, Run
 from mainspring.store.base import Store
@@ -63,9 +63,11 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
         reasons.append(f"attempt {run.attempt} of {run.max_attempts}")
         return Explanation(run, verdict, reasons)
     if run.state == WAITING:
-        return Explanation(run, "waiting for signals, a timer or child runs", [])
+        return _waiting(run, now)
     assert run.state == AVAILABLE
     blockers = _queue_service(run, live)
+    if run.rate_limit:
+        blockers.extend(await _rate_limit(store, run, now))
     if run.concurrency_key:
         holder = await store.running_with_key(run.concurrency_key)
         if holder is not None:
@@ -96,6 +98,45 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
         else f"available and ready: {ahead} runs ahead of it in queue {run.queue!r}",
         [f"priority {run.priority}, waiting since {run.run_at.isoformat()}"],
     )
+
+
+def _waiting(run: Run, now: datetime) -> Explanation:
+    reasons = []
+    if run.awaits is not None:
+        verdict = f"waiting for a signal: {', '.join(run.awaits)}; then step {run.step!r}"
+        if run.deadline is not None:
+            reasons.append(f"times out at {run.deadline.isoformat()} ({_ago(run.deadline, now)})")
+        else:
+            reasons.append("no timeout: it waits until signalled or cancelled")
+        reasons.append(f"send one with: mainspring runs signal {run.id} {run.awaits[0]}")
+    elif run.children_pending > 0:
+        verdict = (
+            f"waiting for {run.children_pending} child run(s) to finish; then step {run.step!r}"
+        )
+    else:
+        verdict = "waiting"
+    return Explanation(run, verdict, reasons)
+
+
+async def _rate_limit(store: Store, run: Run, now: datetime) -> list[str]:
+    """Why a rate-limited run is not granted: no configuration, or an empty bucket (until when)."""
+    assert run.rate_limit is not None
+    name = run.rate_limit.split(":", 1)[0]
+    config = (await store.rate_limit_configs()).get(name)
+    if config is None:
+        return [f"its rate limit {name!r} is not configured: it is held until "
+                f"app.rate_limits.configure({name!r}, allowed=..., period=...) runs"]  # fmt: skip
+    bucket = next((b for b in await store.rate_limit_status(name) if b.key == run.rate_limit), None)
+    tokens = bucket.tokens if bucket else float(config.burst)
+    if tokens >= run.weight:
+        return []
+    wait = (run.weight - tokens) * config.period / config.allowed
+    when = now + timedelta(seconds=wait)
+    return [
+        f"its rate-limit bucket {run.rate_limit!r} is empty: {tokens:.2f} tokens, needs "
+        f"{run.weight}; refills {config.allowed} per {config.period:g} s, enough at "
+        f"{when.isoformat()} ({_ago(when, now)}) unless runs ahead of it take them"
+    ]
 
 
 def _queue_service(run: Run, live: list[NodeInfo]) -> list[str]:
