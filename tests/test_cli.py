@@ -23,8 +23,8 @@ def invoke(url: str, *args: str) -> str:
 
 
 def test_db_migrate_reports_the_schema_version(db_url: str) -> None:
-    assert "schema at version 1" in invoke(db_url, "db", "migrate")
-    assert "schema at version 1" in invoke(db_url, "db", "migrate")  # idempotent
+    assert "schema at version 2" in invoke(db_url, "db", "migrate")
+    assert "schema at version 2" in invoke(db_url, "db", "migrate")  # idempotent
 
 
 def test_runs_list_show_cancel_retry(app: ms.App) -> None:

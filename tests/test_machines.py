@@ -52,7 +52,9 @@ async def test_checkout_flows_through_await_signal_spawn_and_fan_in(app: ms.App)
         run = await handle.get_async()
         assert (run.step, run.awaits) == ("settle", ["paid", "declined"])
         assert run.state_data == {"items": [1, 2, 3], "reserved": True}
-        sent = await app.signal_async(correlation_key="order-42", name="paid", payload={"amount": 9})
+        sent = await app.signal_async(
+            correlation_key="order-42", name="paid", payload={"amount": 9}
+        )
         assert sent is ms.SignalResult.DELIVERED
         result = await handle.result_async(timeout=20)
     assert result == {"amount": 9, "shipped": [{"item": 1}, {"item": 2}, {"item": 3}]}
@@ -198,7 +200,7 @@ async def test_retry_stop_and_bad_outcomes(app: ms.App) -> None:
             await retried.result_async(timeout=10)
         with pytest.raises(ms.RunFailed, match="out of stock"):
             await stopped.result_async(timeout=10)
-        with pytest.raises(ms.RunFailed, match="returns ms.Next"):
+        with pytest.raises(ms.RunFailed, match=r"returns ms\.Next"):
             await bad.result_async(timeout=10)
         with pytest.raises(ms.RunFailed, match="no step 'nowhere'"):
             await missing.result_async(timeout=10)
@@ -381,7 +383,7 @@ def test_machine_registration_is_checked() -> None:
     class NotAMachine:
         pass
 
-    with pytest.raises(ms.ConfigError, match="subclass of ms.Machine"):
+    with pytest.raises(ms.ConfigError, match=r"subclass of ms\.Machine"):
         app.machine()(NotAMachine)  # type: ignore[type-var]
 
     class NoInitial(ms.Machine):

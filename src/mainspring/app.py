@@ -28,8 +28,8 @@ from mainspring.ids import uuid7
 from mainspring.portal import Portal
 from mainspring.ratelimits import RateLimitRef, RateLimits, bucket_key
 from mainspring.run import AVAILABLE, SCHEDULED, TERMINAL, NewRun, NodeInfo, Run
-from mainspring.store.base import Store
 from mainspring.signals import SignalResult
+from mainspring.store.base import Store
 from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -582,7 +582,9 @@ class App:
         try:
             data = _payload.dumps(payload)
         except EncodeError as exc:
-            raise EncodeError(f"the payload of signal {name!r} is not JSON encodable: {exc}") from None
+            raise EncodeError(
+                f"the payload of signal {name!r} is not JSON encodable: {exc}"
+            ) from None
         store = await self.store()
         delivery = await store.send_signal(run_id, correlation_key, uuid7(), name, data, dedup_key)
         result = SignalResult(delivery.result)

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from mainspring.app import App, Task
     from mainspring.engine.procpool import ProcessPool
     from mainspring.machines.runner import MachineRunner
-    from mainspring.machines.runner import MachineRunner
 
 log = logging.getLogger("mainspring.worker")
 
@@ -628,8 +627,11 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         await self.store.heartbeat_node(
-            self.name, self.queues, sorted([*self.app.tasks, *self.app.machines]),
-            self.concurrency, self.status,
+            self.name,
+            self.queues,
+            sorted([*self.app.tasks, *self.app.machines]),
+            self.concurrency,
+            self.status,
         )
 
     async def _heartbeat_loop(self) -> None:

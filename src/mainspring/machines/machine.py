@@ -162,7 +162,9 @@ class Machine:
         try:
             return cls.__dict__["_definition"]  # type: ignore[no-any-return]
         except KeyError:
-            raise ConfigError(f"{cls.__qualname__} is not registered: decorate it with @app.machine") from None
+            raise ConfigError(
+                f"{cls.__qualname__} is not registered: decorate it with @app.machine"
+            ) from None
 
     @classmethod
     async def start_async(

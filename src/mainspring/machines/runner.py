@@ -1,4 +1,4 @@
-"""Running one machine step on a worker: read the inbox, call the step, turn its outcome into a commit."""
+"""One machine step on a worker: read the inbox, call the step, turn its outcome into a commit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import contextvars
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -104,7 +103,9 @@ class MachineRunner:
         if run.awaits is not None:  # resolving an Await: woken by a signal, or a re-check
             awaited = Signals(s for s in inbox if s.name in run.awaits)
             if not awaited:  # nothing for it yet: park again, as it was
-                return Outcome(run.id, run.fence, WAITING, refund_attempt=True, seen_seq=run.signal_seq)
+                return Outcome(
+                    run.id, run.fence, WAITING, refund_attempt=True, seen_seq=run.signal_seq
+                )
         if step not in definition.steps:
             raise StepError(f"machine {definition.name} has no step {step!r} (its steps: "
                             f"{', '.join(sorted(definition.steps))})")  # fmt: skip
@@ -141,9 +142,14 @@ class MachineRunner:
             return Outcome(run.id, run.fence, AVAILABLE, step=commit)
         if isinstance(result, Retry):
             if run.attempt >= run.max_attempts:
-                return _failed(run, "RetriesExhausted", f"step {ctx.step} asked to retry after "
-                               f"its last attempt ({run.attempt} of {run.max_attempts})")  # fmt: skip
-            delay = result.delay if result.delay is not None else definition.backoff.delay(run.attempt)
+                message = (
+                    f"step {ctx.step} asked to retry after its last attempt "
+                    f"({run.attempt} of {run.max_attempts})"
+                )
+                return _failed(run, "RetriesExhausted", message)
+            delay = result.delay
+            if delay is None:
+                delay = definition.backoff.delay(run.attempt)
             at = now + timedelta(seconds=max(0.0, delay))
             if result.state is None:
                 return Outcome(run.id, run.fence, SCHEDULED, run_at=at)
@@ -160,7 +166,9 @@ class MachineRunner:
                 self._check_step(definition, result.on_timeout, "Await on_timeout")
             if result.timeout is not None and result.timeout < 0:
                 raise StepError(f"step {ctx.step} returned Await(timeout={result.timeout})")
-            deadline = now + timedelta(seconds=result.timeout) if result.timeout is not None else None
+            deadline = (
+                now + timedelta(seconds=result.timeout) if result.timeout is not None else None
+            )
             commit = StepCommit(
                 result.then, definition.encode_state(result.state), reset_attempt=True,
                 awaits=list(result.signals), wake_step=result.on_timeout, deadline=deadline,
@@ -198,6 +206,9 @@ class MachineRunner:
         if isinstance(child, ChildSpec):
             return child.to_new_run(parent_id, now)
         if isinstance(child, Call):
+            if child.options.correlation_key is not None:
+                # A child skipped as a duplicate would leave its parent waiting forever.
+                raise StepError("Spawn children cannot carry a correlation_key")
             return dataclasses.replace(child.to_new_run(now), parent_id=parent_id)
         raise StepError(f"Spawn children are Machine.spec(...) or task.call(...), got {child!r}")
 
@@ -232,5 +243,3 @@ class MachineRunner:
 def _failed(run: Claimed, kind: str, message: str) -> Outcome:
     info = {"type": kind, "message": message, "traceback": None, "attempt": run.attempt}
     return Outcome(run.id, run.fence, FAILED, error=payload.dumps(info))
-
-

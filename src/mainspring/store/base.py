@@ -305,7 +305,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
-        """How many runs of these queues are available or running, or scheduled before `moment`."""
+        """How many runs of these queues are available or running, or due before `moment`.
+
+        Due: scheduled to run, or waiting with an await deadline, before `moment`.
+        """
 
     # -- operator actions ------------------------------------------------------
 

@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -21,8 +22,32 @@ import orjson
 
 from mainspring import payload
 from mainspring.errors import BackendUnavailable, MainspringError
-from mainspring.run import Claimed, NewRun, NodeInfo, Outcome, Run
-from mainspring.store.base import QueueDemand, QueueStatus, Store, run_from_row
+from mainspring.run import (
+    AVAILABLE,
+    FAILED,
+    RUNNING,
+    SCHEDULED,
+    TERMINAL,
+    WAITING,
+    Claimed,
+    NewRun,
+    NodeInfo,
+    Outcome,
+    Run,
+)
+from mainspring.store.base import (
+    BucketStatus,
+    ChildRow,
+    QueueDemand,
+    QueueStatus,
+    RateLimitConfig,
+    SignalDelivery,
+    SignalRow,
+    StepData,
+    Store,
+    Throttle,
+    run_from_row,
+)
 from mainspring.store.queries import load_migrations, load_queries
 
 Q = load_queries("sqlite")
@@ -30,6 +55,8 @@ T = TypeVar("T")
 
 _listeners: dict[str, set[Callable[[str], None]]] = {}
 _listeners_lock = threading.Lock()
+# Refills (elapsed * allowed / period) can land a hair below a whole token.
+_TOKEN_SLACK = 1e-9
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -42,6 +69,10 @@ def _epoch(value: datetime | None) -> float | None:
 
 def _run(row: sqlite3.Row) -> Run:
     return run_from_row(row, _ts)
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def path_from_url(url: str) -> str:
@@ -65,6 +96,7 @@ class SqliteStore(Store):
         self._con: sqlite3.Connection | None = None
         self._data_version = 0
         self._callback: Callable[[str], None] | None = None
+        self._throttled: list[Throttle] = []
 
     # -- plumbing --------------------------------------------------------------
 
@@ -109,6 +141,10 @@ class SqliteStore(Store):
         con.execute("COMMIT")
         return result
 
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn in one write transaction on the store's thread."""
+        return await self._call(self._tx, fn)
+
     async def open(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mainspring-sqlite")
         try:
@@ -149,7 +185,7 @@ class SqliteStore(Store):
                     current = version
             return int(current)
 
-        return await self._call(self._tx, apply)
+        return await self._write(apply)
 
     async def schema_version(self) -> int:
         def read() -> int:
@@ -167,37 +203,23 @@ class SqliteStore(Store):
     # -- enqueue ---------------------------------------------------------------
 
     async def insert_runs(self, runs: Sequence[NewRun]) -> dict[str, str]:
-        rows = [
-            [
-                r.id, r.kind, r.name, r.namespace, r.queue, r.state, r.priority,
-                r.run_at.timestamp() if r.state == "scheduled" else None,
-                r.max_attempts, r.timeout, r.correlation_key, r.concurrency_key, r.parent_id,
-                r.input, r.attributes,
-            ]
-            for r in runs
-        ]  # fmt: skip
-        data = orjson.dumps(rows).decode()
         keys = [r.correlation_key for r in runs if r.correlation_key]
 
         def insert(con: sqlite3.Connection) -> tuple[list[Any], dict[str, str]]:
-            out = con.execute(Q["insert_runs"], {"runs": data, "now": time.time()}).fetchall()
+            out = _insert_runs(con, time.time(), runs)
             live: dict[str, str] = {}
-            if keys and len(out) < len(rows):
-                found = con.execute(
-                    Q["live_correlation_ids"], {"keys": orjson.dumps(keys).decode()}
-                )
+            if keys and len(out) < len(runs):
+                found = con.execute(Q["live_correlation_ids"], {"keys": _json(keys)})
                 live = {k: i for k, i in found.fetchall()}
             return out, live
 
-        inserted_rows, live = await self._call(self._tx, insert)
+        inserted_rows, live = await self._write(insert)
         inserted = {r[0] for r in inserted_rows}
         result = {r.id: r.id for r in runs}
         for r in runs:
             if r.id not in inserted and r.correlation_key in live:
                 result[r.id] = live[r.correlation_key]
-        woken = sorted({r[1] if r[2] == "available" else "~timer" for r in inserted_rows})
-        if woken:
-            await self.notify(",".join(woken))
+        await self._wake({_wake_queue(r) for r in inserted_rows})
         return result
 
     # -- the hot path ------------------------------------------------------------
@@ -212,35 +234,169 @@ class SqliteStore(Store):
         def claim(con: sqlite3.Connection) -> list[Any]:
             now = time.time()
             rows: list[Any] = []
+            room: dict[str, int] = {}  # what each queue may still take from rate-limited runs
             for queue, n in wanted:
                 free = con.execute(Q["queue_free_slots"], {"queue": queue}).fetchone()
                 if free is not None:
                     n = min(n, max(0, free[0]))
                 if n:
                     params = {"node": node, "now": now, "ttl": lease_ttl, "queue": queue, "n": n}
-                    rows.extend(con.execute(Q["claim_runs"], params).fetchall())
+                    got = con.execute(Q["claim_runs"], params).fetchall()
+                    rows.extend(got)
+                    if len(got) < n:
+                        room[queue] = n - len(got)
+            if room:
+                rows.extend(self._claim_granted(con, node, lease_ttl, now, room))
             return rows
 
-        rows = await self._call(self._tx, claim)
-        loads = payload.loads
-        return [
-            Claimed(r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6], r[7], r[8], _ts(r[9]))  # type: ignore[arg-type]
-            for r in rows
-        ]
+        return [_claimed(r) for r in await self._write(claim)]
+
+    def _claim_granted(
+        self, con: sqlite3.Connection, node: str, lease_ttl: float, now: float, room: dict[str, int]
+    ) -> list[sqlite3.Row]:
+        """Claim the rate-limited runs of these queues (at most `room` each) their buckets grant.
+
+        Each bucket grants the longest prefix of its waiting runs, in claim
+        order, whose cumulative weight fits its tokens; the granted runs of all
+        buckets are then taken in claim order within each queue's room, and
+        each bucket is debited what was claimed from it. A bucket whose tokens
+        fit fewer runs than were waiting is recorded for take_throttled().
+        """
+        queues = _json(list(room))
+        buckets = con.execute(Q["rated_buckets"], {"queues": queues, "now": now}).fetchall()
+        tokens = {b["key"]: float(b["tokens"]) for b in buckets}
+        short: dict[str, int] = {}  # buckets whose tokens fit fewer than were waiting
+        granted: list[sqlite3.Row] = []
+        for key, available in tokens.items():
+            params = {"key": key, "queues": queues, "n": sum(room.values())}
+            candidates = con.execute(Q["rated_candidates"], params).fetchall()
+            fits = _fitting(candidates, available)
+            if len(fits) < len(candidates):
+                short[key] = len(candidates)
+            granted.extend(fits)
+        ids = _pick(granted, room)
+        if not ids:
+            rows = []
+        else:
+            params = {"node": node, "now": now, "ttl": lease_ttl, "ids": _json(ids)}
+            rows = con.execute(Q["claim_granted"], params).fetchall()
+        spent: Counter[str] = Counter()
+        got: Counter[str] = Counter()
+        for r in rows:
+            spent[r["rate_limit"]] += r["weight"]
+            got[r["rate_limit"]] += 1
+        for key, weight in spent.items():
+            con.execute(Q["debit_bucket"], {"key": key, "tokens": tokens[key] - weight, "now": now})
+        self._throttled.extend(Throttle(k, got[k], n) for k, n in short.items())
+        return rows
+
+    def take_throttled(self) -> list[Throttle]:
+        throttled, self._throttled = self._throttled, []
+        return throttled
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
-        data = orjson.dumps(
-            [
-                [o.id, o.fence, o.state, o.output, o.error, _epoch(o.run_at), int(o.refund_attempt)]
-                for o in outcomes
-            ]
-        ).decode()
+        data = _json([_outcome_row(o) for o in outcomes])
+        statement = Q["commit_steps" if any(o.step for o in outcomes) else "commit_outcomes"]
 
-        def commit() -> list[Any]:
-            params = {"outcomes": data, "now": time.time()}
-            return self.con.execute(Q["commit_outcomes"], params).fetchall()
+        def commit(con: sqlite3.Connection) -> tuple[set[str], set[str]]:
+            now = time.time()
+            rows = con.execute(statement, {"outcomes": data, "now": now}).fetchall()
+            if not rows:
+                return set(), set()
+            wake = {r["queue"] for r in rows if r["state"] == AVAILABLE}
+            wake |= _commit_effects(con, now, rows, outcomes)
+            return {r["id"] for r in rows}, wake
 
-        return {r[0] for r in await self._call(commit)}
+        committed, wake = await self._write(commit)
+        await self._wake(wake)
+        return committed
+
+    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
+        def load() -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+            params = {"ids": _json(list(run_ids))}
+            return self._fetch("inboxes", params), self._fetch("children", params)
+
+        inboxes, children = await self._call(load)
+        loads = payload.loads
+        result = {run_id: StepData([], []) for run_id in run_ids}
+        for r in inboxes:
+            sent_at = datetime.fromtimestamp(r["created_at"], UTC)
+            result[r["target_id"]].inbox.append(
+                SignalRow(r["id"], r["name"], loads(r["payload"]), sent_at)
+            )
+        for r in children:
+            result[r["parent_id"]].children.append(
+                ChildRow(
+                    r["id"], r["kind"], r["name"], r["state"], loads(r["output"]), loads(r["error"])
+                )
+            )
+        return result
+
+    # -- signals and rate limits -------------------------------------------------
+
+    async def send_signal(
+        self,
+        run_id: str | None,
+        correlation_key: str | None,
+        signal_id: str,
+        name: str,
+        payload_json: str,
+        dedup_key: str | None,
+    ) -> SignalDelivery:
+        def deliver(con: sqlite3.Connection) -> tuple[SignalDelivery, str | None]:
+            now = time.time()
+            target = _signal_target(con, run_id, correlation_key)
+            if target is None:
+                return SignalDelivery("not_found"), None
+            if target["state"] in TERMINAL:
+                return SignalDelivery("terminal", target["id"]), None
+            signal = {
+                "id": signal_id,
+                "target": target["id"],
+                "name": name,
+                "payload": payload_json,
+                "dedup_key": dedup_key,
+                "now": now,
+            }
+            if con.execute(Q["insert_signal"], signal).fetchone() is None:
+                return SignalDelivery("duplicate", target["id"]), None
+            row = con.execute(Q["signal_run"], {"id": target["id"], "name": name, "now": now})
+            after = row.fetchone()
+            woke = target["state"] == WAITING and after["state"] == AVAILABLE
+            return SignalDelivery("delivered", target["id"], woke), after["queue"] if woke else None
+
+        delivery, queue = await self._write(deliver)
+        if queue is not None:
+            await self.notify(queue)
+        return delivery
+
+    async def set_rate_limits(self, configs: Sequence[RateLimitConfig]) -> None:
+        def write(con: sqlite3.Connection) -> None:
+            now = time.time()
+            for c in configs:
+                params = {
+                    "name": c.name,
+                    "allowed": c.allowed,
+                    "period": c.period,
+                    "burst": c.burst,
+                    "now": now,
+                }
+                con.execute(Q["set_rate_limit"], params)
+
+        await self._write(write)
+
+    async def rate_limit_configs(self) -> dict[str, RateLimitConfig]:
+        rows = await self._call(self._fetch, "rate_limit_configs", {})
+        return {
+            r["name"]: RateLimitConfig(r["name"], r["allowed"], float(r["period"]), r["burst"])
+            for r in rows
+        }
+
+    async def rate_limit_status(self, name: str) -> list[BucketStatus]:
+        rows = await self._call(
+            self._fetch, "rate_limit_status", {"name": name, "now": time.time()}
+        )
+        return [BucketStatus(r["key"], float(r["tokens"]), int(r["waiting"])) for r in rows]
 
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
@@ -256,41 +412,40 @@ class SqliteStore(Store):
     # -- timers and recovery -------------------------------------------------------
 
     async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
-        def promote() -> tuple[list[Any], float | None]:
-            rows = self.con.execute(
-                Q["promote_due"], {"now": time.time(), "limit": limit}
-            ).fetchall()
-            nxt = self.con.execute(Q["next_due"]).fetchone()[0]
-            return rows, nxt
+        def promote(con: sqlite3.Connection) -> tuple[list[Any], float | None]:
+            params = {"now": time.time(), "limit": limit}
+            rows = con.execute(Q["promote_due"], params).fetchall()
+            rows += con.execute(Q["expire_awaits"], params).fetchall()
+            return rows, con.execute(Q["next_due"]).fetchone()[0]
 
-        rows, nxt = await self._call(promote)
+        rows, nxt = await self._write(promote)
         queues = sorted({r[0] for r in rows})
-        if queues:
-            await self.notify(",".join(queues))
+        await self._wake(set(queues))
         return queues, _ts(nxt)
 
     async def reap_expired(self, limit: int) -> list[tuple[str, str]]:
-        def reap() -> list[Any]:
-            return self.con.execute(
-                Q["reap_expired"], {"now": time.time(), "limit": limit}
-            ).fetchall()
+        def reap(con: sqlite3.Connection) -> tuple[list[Any], set[str]]:
+            now = time.time()
+            rows = con.execute(Q["reap_expired"], {"now": now, "limit": limit}).fetchall()
+            return rows, _finish(con, now, [r for r in rows if r["state"] == FAILED])
 
-        rows = await self._call(reap)
-        queues = sorted({r[2] for r in rows if r[1] == "available"})
-        if queues:
-            await self.notify(",".join(queues))
-        return [(r[0], r[1]) for r in rows]
+        rows, woken = await self._write(reap)
+        await self._wake(woken | {r["queue"] for r in rows if r["state"] == AVAILABLE})
+        return [(r["id"], r["state"]) for r in rows]
 
     async def delete_terminal(self, finished_before: datetime, limit: int) -> int:
-        def delete() -> int:
+        def delete(con: sqlite3.Connection) -> int:
             params = {"before": finished_before.timestamp(), "limit": limit}
-            return self.con.execute(Q["delete_terminal"], params).rowcount
+            ids = [r[0] for r in con.execute(Q["delete_terminal"], params).fetchall()]
+            if ids:
+                con.execute(Q["delete_signals"], {"ids": _json(ids)})
+            return len(ids)
 
-        return await self._call(delete)
+        return await self._write(delete)
 
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
         def count() -> int:
-            params = {"queues": orjson.dumps(list(queues)).decode(), "moment": moment.timestamp()}
+            params = {"queues": _json(list(queues)), "moment": moment.timestamp()}
             return int(self.con.execute(Q["pending_before"], params).fetchone()[0])
 
         return await self._call(count)
@@ -305,9 +460,7 @@ class SqliteStore(Store):
         return runs[0] if runs else None
 
     async def get_runs(self, run_ids: Sequence[str]) -> list[Run]:
-        rows = await self._call(
-            self._fetch, "get_runs", {"ids": orjson.dumps(list(run_ids)).decode()}
-        )
+        rows = await self._call(self._fetch, "get_runs", {"ids": _json(list(run_ids))})
         return [_run(r) for r in rows]
 
     async def list_runs(
@@ -329,9 +482,20 @@ class SqliteStore(Store):
         return [_run(r) for r in await self._call(self._fetch, "list_runs", params)]
 
     async def cancel_run(self, run_id: str) -> Run | None:
-        rows = await self._call(self._fetch, "cancel_run", {"id": run_id, "now": time.time()})
-        if rows:
-            await self.notify(f"cancel:{run_id}")
+        def cancel(con: sqlite3.Connection) -> tuple[list[str], set[str]]:
+            now = time.time()
+            tree = con.execute(Q["cancel_tree"], {"id": run_id}).fetchall()
+            if not tree:
+                return [], set()
+            con.execute(Q["cancel_runs"], {"ids": _json([r["id"] for r in tree]), "now": now})
+            # Descendants count toward parents cancelled just before: no wake-up there.
+            woken = _finish(con, now, tree)
+            return [r["id"] for r in tree if r["state"] == RUNNING], woken
+
+        running, woken = await self._write(cancel)
+        for cancelled in running:
+            await self.notify(f"cancel:{cancelled}")
+        await self._wake(woken)
         return await self.get_run(run_id)
 
     async def retry_run(self, run_id: str) -> Run | None:
@@ -372,7 +536,7 @@ class SqliteStore(Store):
                     Q["set_queue_limit"], {"queue": name, "limit": limit, "now": time.time()}
                 )
 
-        await self._call(self._tx, write)
+        await self._write(write)
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -418,6 +582,11 @@ class SqliteStore(Store):
 
     # -- wake-ups ------------------------------------------------------------------
 
+    async def _wake(self, queues: set[str]) -> None:
+        """Notify the workers of these queues (one notification for all)."""
+        if queues:
+            await self.notify(",".join(sorted(queues)))
+
     async def notify(self, payload_text: str) -> None:
         """Wake listeners in this process at once; other processes see it by polling."""
         with _listeners_lock:
@@ -453,6 +622,146 @@ class SqliteStore(Store):
             return row[0] if row else None
 
         return await self._call(fetch)
+
+
+def _signal_target(
+    con: sqlite3.Connection, run_id: str | None, correlation_key: str | None
+) -> sqlite3.Row | None:
+    """The run (id, state) a signal goes to: by id, else the live run holding the key, else
+    the terminal run that held it (the signal is then refused as 'terminal')."""
+    found: sqlite3.Row | None = None
+    if run_id is not None:
+        found = con.execute(Q["signal_target"], {"id": run_id}).fetchone()
+    elif correlation_key is not None:
+        params = {"key": correlation_key}
+        found = con.execute(Q["signal_target_by_key"], params).fetchone()
+        if found is None:
+            found = con.execute(Q["terminal_with_key"], params).fetchone()
+    return found
+
+
+def _claimed(r: sqlite3.Row) -> Claimed:
+    """A Claimed from a claim's RETURNING row (its columns are in Claimed's field order)."""
+    return Claimed(
+        r[0], r[1], r[2], r[3], payload.loads(r[4]), r[5], r[6], r[7], r[8],
+        datetime.fromtimestamp(r[9], UTC), r[10], r[11], r[12], r[13], payload.loads(r[14]),
+        r[15], r[16], r[17],
+    )  # fmt: skip
+
+
+def _fitting(candidates: Sequence[sqlite3.Row], tokens: float) -> list[sqlite3.Row]:
+    """The longest prefix of a bucket's candidates whose cumulative weight fits its tokens."""
+    fits: list[sqlite3.Row] = []
+    spent = 0
+    for c in candidates:
+        spent += c["weight"]
+        if spent > tokens + _TOKEN_SLACK:
+            break
+        fits.append(c)
+    return fits
+
+
+def _pick(granted: Sequence[sqlite3.Row], room: Mapping[str, int]) -> list[str]:
+    """Granted runs in claim order within each queue's room, one per concurrency key."""
+    left = dict(room)
+    keys: set[str] = set()
+    picked = []
+    for c in sorted(granted, key=lambda c: (-c["priority"], c["run_at"], c["id"])):
+        key = c["concurrency_key"]
+        if left[c["queue"]] <= 0 or key in keys:
+            continue
+        left[c["queue"]] -= 1
+        if key is not None:
+            keys.add(key)
+        picked.append(c["id"])
+    return picked
+
+
+def _outcome_row(o: Outcome) -> list[Any]:
+    """An outcome as commit_outcomes and commit_steps read it; step columns for a machine step."""
+    row: list[Any] = [
+        o.id, o.fence, o.state, o.output, o.error, _epoch(o.run_at), int(o.refund_attempt),
+        o.seen_seq,
+    ]  # fmt: skip
+    s = o.step
+    if s is not None:
+        row += [
+            s.step, s.state_data, int(s.reset_attempt), s.awaits, s.wake_step,
+            _epoch(s.deadline), s.rate_limit, s.weight, len(s.children),
+        ]  # fmt: skip
+    return row
+
+
+def _insert_runs(con: sqlite3.Connection, now: float, runs: Sequence[NewRun]) -> list[sqlite3.Row]:
+    """Insert runs (skipping duplicates) and create the buckets they name; returns the inserted."""
+    data = _json(
+        [
+            [
+                r.id, r.kind, r.name, r.namespace, r.queue, r.state, r.priority,
+                r.run_at.timestamp() if r.state == SCHEDULED else None,
+                r.max_attempts, r.timeout, r.correlation_key, r.concurrency_key, r.parent_id,
+                r.input, r.attributes, r.step, r.state_data, r.rate_limit, r.weight, r.version,
+            ]
+            for r in runs
+        ]
+    )  # fmt: skip
+    rows = con.execute(Q["insert_runs"], {"runs": data, "now": now}).fetchall()
+    _ensure_buckets(con, now, [r["rate_limit"] for r in rows])
+    return rows
+
+
+def _ensure_buckets(con: sqlite3.Connection, now: float, keys: Sequence[str | None]) -> None:
+    named = [k for k in keys if k is not None]
+    if named:
+        con.execute(Q["ensure_buckets"], {"keys": _json(named), "now": now})
+
+
+def _wake_queue(row: sqlite3.Row) -> str:
+    """What to wake for an inserted run: its queue when available, the timers when scheduled."""
+    return str(row["queue"]) if row["state"] == AVAILABLE else "~timer"
+
+
+def _commit_effects(
+    con: sqlite3.Connection, now: float, rows: Sequence[sqlite3.Row], outcomes: Sequence[Outcome]
+) -> set[str]:
+    """What committed outcomes do beside their own row; returns the queues to wake.
+
+    Consumed signals are marked, children inserted and buckets created for
+    committed steps; terminal runs have their inbox cleared and count toward
+    their parent's fan-in.
+    """
+    states = {r["id"]: r["state"] for r in rows}
+    steps = [(o.id, o.step) for o in outcomes if o.step is not None and o.id in states]
+    pairs = [
+        [run_id, signal_id]
+        for run_id, step in steps
+        if states[run_id] not in TERMINAL
+        for signal_id in step.consume
+    ]
+    if pairs:
+        con.execute(Q["consume_signals"], {"pairs": _json(pairs), "now": now})
+    wake: set[str] = set()
+    children = [child for _, step in steps for child in step.children]
+    if children:
+        wake |= {_wake_queue(r) for r in _insert_runs(con, now, children)}
+    _ensure_buckets(con, now, [r["rate_limit"] for r in rows])
+    return wake | _finish(con, now, [r for r in rows if r["state"] in TERMINAL])
+
+
+def _finish(con: sqlite3.Connection, now: float, finished: Sequence[sqlite3.Row]) -> set[str]:
+    """Runs (rows with id, parent_id, signal_seq) that just became terminal: clear their
+    inboxes and count them toward their parents' fan-in. Returns the queues of parents woken.
+
+    A run whose signal_seq is 0 never received a signal, so it has no inbox to clear.
+    """
+    signalled = [r["id"] for r in finished if r["signal_seq"]]
+    if signalled:
+        con.execute(Q["clear_inboxes"], {"ids": _json(signalled), "now": now})
+    parents = [r["parent_id"] for r in finished if r["parent_id"] is not None]
+    if not parents:
+        return set()
+    rows = con.execute(Q["fan_in"], {"parents": _json(parents), "now": now}).fetchall()
+    return {r["queue"] for r in rows if r["state"] == AVAILABLE}
 
 
 def _split_script(sql: str) -> list[str]:

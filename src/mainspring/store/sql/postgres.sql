@@ -113,9 +113,10 @@ RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.ma
 -- locked (SKIP LOCKED: another node is granting from them), refilled lazily
 -- (tokens + elapsed * allowed / period, at most burst; NULL = full), and grant
 -- the highest-priority prefix of their waiting runs whose cumulative weight
--- fits; what is granted is debited in the same statement. Runs of a limit with
--- no configuration are never granted. Rows with a NULL id report a bucket that
--- granted fewer than were waiting: (name = key, attempt = granted, max_attempts = wanted).
+-- fits; what is claimed is debited in the same statement. Runs of a limit with
+-- no configuration are never granted. Rows with a NULL id report a bucket whose
+-- tokens granted fewer than were waiting: (name = key, attempt = granted,
+-- max_attempts = wanted).
 WITH bk AS (
     SELECT b.key,
            least(l.burst::float8, coalesce(b.tokens, l.burst)
@@ -194,7 +195,7 @@ SELECT * FROM upd
 UNION ALL
 SELECT NULL, NULL, w.rate_limit, NULL, NULL, count(*) FILTER (WHERE p.id IS NOT NULL)::int,
        count(*)::int, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-FROM rc w LEFT JOIN pick p ON p.id = w.id
+FROM rc w LEFT JOIN granted p ON p.id = w.id
 GROUP BY w.rate_limit
 HAVING count(*) FILTER (WHERE p.id IS NOT NULL) < count(*)
 

@@ -4,19 +4,28 @@
 
 -- insert_runs --
 -- Insert a batch of runs; duplicates of a live correlation_key or an existing
--- id are skipped. Returns the ids actually inserted.
+-- id are skipped. Returns the runs actually inserted.
 INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                      timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-                     created_at, updated_at)
+                     step, state_data, rate_limit, weight, version, created_at, updated_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
        json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
        json_extract(value, '$[6]'), coalesce(json_extract(value, '$[7]'), :now),
        json_extract(value, '$[8]'), json_extract(value, '$[9]'), json_extract(value, '$[10]'),
        json_extract(value, '$[11]'), json_extract(value, '$[12]'), json_extract(value, '$[13]'),
-       json_extract(value, '$[14]'), :now, :now
+       json_extract(value, '$[14]'), json_extract(value, '$[15]'), json_extract(value, '$[16]'),
+       json_extract(value, '$[17]'), json_extract(value, '$[18]'), json_extract(value, '$[19]'),
+       :now, :now
 FROM json_each(:runs) WHERE true
 ON CONFLICT DO NOTHING
-RETURNING id, queue, state
+RETURNING id, queue, state, rate_limit
+
+-- ensure_buckets --
+-- Create the token buckets of these keys (a JSON array of "name" or
+-- "name:partition"); a new bucket is full (tokens NULL).
+INSERT OR IGNORE INTO ms_rate_buckets (key, name, tokens, refilled_at)
+SELECT DISTINCT value, substr(value, 1, instr(value || ':', ':') - 1), NULL, :now
+FROM json_each(:keys)
 
 -- live_correlation_ids --
 -- The non-terminal runs holding these correlation keys (a JSON array).
@@ -25,22 +34,63 @@ WHERE correlation_key IN (SELECT value FROM json_each(:keys))
   AND state IN ('scheduled', 'available', 'running', 'waiting')
 
 -- claim_runs --
--- Claim up to :n available runs of :queue in priority then run_at order,
--- skipping runs whose concurrency key is held; OR IGNORE drops a second run of
--- the same key in one batch (the unique index refuses it). Stamps the lease
--- and a new fence. Runs inside the claim transaction, one queue at a time.
+-- Claim up to :n available runs of :queue without a rate limit in priority
+-- then run_at order, skipping runs whose concurrency key is held; OR IGNORE
+-- drops a second run of the same key in one batch (the unique index refuses
+-- it). Stamps the lease and a new fence. Runs inside the claim transaction,
+-- one queue at a time.
 UPDATE OR IGNORE ms_runs
 SET state = 'running', attempt = attempt + 1, fence = fence + 1, lease_owner = :node,
     lease_expires_at = :now + :ttl, started_at = :now, updated_at = :now
 WHERE id IN (
     SELECT r.id FROM ms_runs r
-    WHERE r.state = 'available' AND r.queue = :queue
+    WHERE r.state = 'available' AND r.queue = :queue AND r.rate_limit IS NULL
       AND (r.concurrency_key IS NULL OR NOT EXISTS (
             SELECT 1 FROM ms_runs h
             WHERE h.concurrency_key = r.concurrency_key AND h.state = 'running'))
     ORDER BY r.priority DESC, r.run_at, r.id
     LIMIT :n)
-RETURNING id, kind, name, queue, input, attempt, max_attempts, fence, timeout, created_at
+RETURNING id, kind, name, queue, input, attempt, max_attempts, fence, timeout, created_at,
+          parent_id, step, state_data, signal_seq, awaits, version, rate_limit, weight
+
+-- rated_buckets --
+-- The configured buckets that have available runs in the queues (a JSON
+-- array), with their tokens refilled lazily to :now: tokens + elapsed *
+-- allowed / period, at most burst; NULL tokens is a full bucket.
+SELECT b.key,
+       min(l.burst, coalesce(b.tokens, l.burst)
+                    + max(0.0, :now - b.refilled_at) * l.allowed / l.period) AS tokens
+FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
+WHERE EXISTS (SELECT 1 FROM ms_runs r
+              WHERE r.state = 'available' AND r.rate_limit = b.key
+                AND r.queue IN (SELECT value FROM json_each(:queues)))
+ORDER BY b.key
+
+-- rated_candidates --
+-- Up to :n available runs of bucket :key in the queues (a JSON array), in
+-- claim order, skipping runs whose concurrency key is held.
+SELECT r.id, r.queue, r.priority, r.run_at, r.concurrency_key, r.rate_limit, r.weight
+FROM ms_runs r
+WHERE r.state = 'available' AND r.rate_limit = :key
+  AND r.queue IN (SELECT value FROM json_each(:queues))
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM ms_runs h
+        WHERE h.concurrency_key = r.concurrency_key AND h.state = 'running'))
+ORDER BY r.priority DESC, r.run_at, r.id
+LIMIT :n
+
+-- claim_granted --
+-- Claim the runs their buckets granted (a JSON array of ids), as claim_runs does.
+UPDATE OR IGNORE ms_runs
+SET state = 'running', attempt = attempt + 1, fence = fence + 1, lease_owner = :node,
+    lease_expires_at = :now + :ttl, started_at = :now, updated_at = :now
+WHERE id IN (SELECT value FROM json_each(:ids)) AND state = 'available'
+RETURNING id, kind, name, queue, input, attempt, max_attempts, fence, timeout, created_at,
+          parent_id, step, state_data, signal_seq, awaits, version, rate_limit, weight
+
+-- debit_bucket --
+-- Store a bucket's tokens as of :now (after a grant).
+UPDATE ms_rate_buckets SET tokens = :tokens, refilled_at = :now WHERE key = :key
 
 -- queue_free_slots --
 -- Free slots of a globally limited queue (NULL when it has no limit).
@@ -49,12 +99,17 @@ SELECT q.global_limit - (
 FROM ms_queues q WHERE q.name = :queue AND q.global_limit IS NOT NULL
 
 -- commit_outcomes --
--- Write attempt outcomes (a JSON array of [id, fence, state, output, error,
--- run_at, refund]) where the fence still matches; returns the ids written.
+-- Write attempt outcomes where the fence still matches; returns the rows
+-- written. Each outcome is a JSON array [id, fence, state, output, error,
+-- run_at, refund, seen_seq] (commit_steps reads more, this statement ignores
+-- them). A re-park (waiting, the run's awaits kept) whose run got a signal
+-- since the claim (signal_seq moved past seen_seq) becomes available instead.
 -- Every change of owner or state bumps the fence (claim, reap, cancel, and this
 -- commit), so the fence alone proves the run is still ours and running.
 UPDATE ms_runs
-SET state = o.state,
+SET state = CASE WHEN o.state = 'waiting' AND ms_runs.signal_seq <> o.seen_seq
+                      AND ms_runs.awaits IS NOT NULL
+                 THEN 'available' ELSE o.state END,
     output = o.output,
     error = coalesce(o.error, ms_runs.error),
     run_at = coalesce(o.run_at, ms_runs.run_at),
@@ -65,10 +120,126 @@ SET state = o.state,
 FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS fence,
              json_extract(value, '$[2]') AS state, json_extract(value, '$[3]') AS output,
              json_extract(value, '$[4]') AS error, json_extract(value, '$[5]') AS run_at,
-             json_extract(value, '$[6]') AS refund
+             json_extract(value, '$[6]') AS refund, json_extract(value, '$[7]') AS seen_seq
       FROM json_each(:outcomes)) AS o
 WHERE ms_runs.id = o.id AND ms_runs.fence = o.fence
-RETURNING ms_runs.id
+RETURNING ms_runs.id, ms_runs.state, ms_runs.queue, ms_runs.parent_id, ms_runs.rate_limit,
+          ms_runs.signal_seq
+
+-- commit_steps --
+-- The same for a batch with machine steps (kept apart: reading and writing the
+-- step columns costs the plain batches a fifth of their commit). An outcome
+-- with a step is followed by [step, state_data, reset, awaits, wake_step,
+-- deadline, rate_limit, weight, children], and those columns are written; a
+-- park (waiting with awaits) whose run got a signal since the claim becomes
+-- available instead, so the await is re-checked.
+UPDATE ms_runs
+SET state = CASE WHEN o.state = 'waiting' AND ms_runs.signal_seq <> o.seen_seq
+                      AND CASE WHEN o.step IS NOT NULL THEN o.awaits IS NOT NULL
+                               ELSE ms_runs.awaits IS NOT NULL END
+                 THEN 'available' ELSE o.state END,
+    output = o.output,
+    error = coalesce(o.error, ms_runs.error),
+    run_at = coalesce(o.run_at, ms_runs.run_at),
+    attempt = CASE WHEN o.reset THEN 0 ELSE ms_runs.attempt - o.refund END,
+    fence = ms_runs.fence + 1,
+    finished_at = CASE WHEN o.state IN ('completed', 'failed', 'cancelled') THEN :now END,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now,
+    step = CASE WHEN o.step IS NOT NULL THEN o.step ELSE ms_runs.step END,
+    state_data = CASE WHEN o.step IS NOT NULL THEN o.state_data ELSE ms_runs.state_data END,
+    awaits = CASE WHEN o.step IS NOT NULL THEN o.awaits ELSE ms_runs.awaits END,
+    wake_step = CASE WHEN o.step IS NOT NULL THEN o.wake_step ELSE ms_runs.wake_step END,
+    deadline = CASE WHEN o.step IS NOT NULL THEN o.deadline ELSE ms_runs.deadline END,
+    rate_limit = CASE WHEN o.step IS NOT NULL THEN o.rate_limit ELSE ms_runs.rate_limit END,
+    weight = CASE WHEN o.step IS NOT NULL THEN o.weight ELSE ms_runs.weight END,
+    children_pending = CASE WHEN o.step IS NOT NULL THEN o.children
+                            ELSE ms_runs.children_pending END
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS fence,
+             json_extract(value, '$[2]') AS state, json_extract(value, '$[3]') AS output,
+             json_extract(value, '$[4]') AS error, json_extract(value, '$[5]') AS run_at,
+             json_extract(value, '$[6]') AS refund, json_extract(value, '$[7]') AS seen_seq,
+             json_extract(value, '$[8]') AS step, json_extract(value, '$[9]') AS state_data,
+             json_extract(value, '$[10]') AS reset, json_extract(value, '$[11]') AS awaits,
+             json_extract(value, '$[12]') AS wake_step, json_extract(value, '$[13]') AS deadline,
+             json_extract(value, '$[14]') AS rate_limit, json_extract(value, '$[15]') AS weight,
+             json_extract(value, '$[16]') AS children
+      FROM json_each(:outcomes)) AS o
+WHERE ms_runs.id = o.id AND ms_runs.fence = o.fence
+RETURNING ms_runs.id, ms_runs.state, ms_runs.queue, ms_runs.parent_id, ms_runs.rate_limit,
+          ms_runs.signal_seq
+
+-- consume_signals --
+-- Mark signals consumed (a JSON array of [run id, signal id]).
+UPDATE ms_signals SET consumed_at = :now
+FROM (SELECT json_extract(value, '$[0]') AS run_id, json_extract(value, '$[1]') AS signal_id
+      FROM json_each(:pairs)) AS c
+WHERE ms_signals.id = c.signal_id AND ms_signals.target_id = c.run_id
+  AND ms_signals.consumed_at IS NULL
+
+-- clear_inboxes --
+-- Mark every unconsumed signal of these runs (a JSON array of ids) consumed.
+UPDATE ms_signals SET consumed_at = :now
+WHERE target_id IN (SELECT value FROM json_each(:ids)) AND consumed_at IS NULL
+
+-- fan_in --
+-- Count finished children toward their parents' fan-in (a JSON array of
+-- parent ids, one per finished child): a waiting parent whose last child
+-- finished becomes available. Returns the parents' new state and queue.
+UPDATE ms_runs
+SET children_pending = ms_runs.children_pending - d.n,
+    state = CASE WHEN ms_runs.state = 'waiting' AND ms_runs.children_pending - d.n <= 0
+                 THEN 'available' ELSE ms_runs.state END,
+    updated_at = :now
+FROM (SELECT value AS parent_id, count(*) AS n FROM json_each(:parents) GROUP BY value) AS d
+WHERE ms_runs.id = d.parent_id
+RETURNING ms_runs.state, ms_runs.queue
+
+-- inboxes --
+-- The unconsumed signals of these runs (a JSON array of ids), oldest first.
+SELECT target_id, id, name, payload, created_at FROM ms_signals
+WHERE target_id IN (SELECT value FROM json_each(:ids)) AND consumed_at IS NULL
+ORDER BY target_id, id
+
+-- children --
+-- The children of these runs (a JSON array of ids).
+SELECT parent_id, id, kind, name, state, output, error FROM ms_runs
+WHERE parent_id IN (SELECT value FROM json_each(:ids))
+ORDER BY parent_id, id
+
+-- signal_target --
+-- The run a signal sent by id goes to.
+SELECT id, state FROM ms_runs WHERE id = :id
+
+-- signal_target_by_key --
+-- The run a signal sent by correlation key goes to: the live run holding the key.
+SELECT id, state FROM ms_runs
+WHERE correlation_key = :key AND state IN ('scheduled', 'available', 'running', 'waiting')
+
+-- terminal_with_key --
+-- A terminal run that held correlation key :key, if any (the latest to finish).
+SELECT id, state FROM ms_runs
+WHERE correlation_key = :key AND state IN ('completed', 'failed', 'cancelled')
+ORDER BY finished_at DESC
+LIMIT 1
+
+-- insert_signal --
+-- Put a signal in a run's inbox; nothing when the run already has one with
+-- this dedup_key (or this id). Returns the id when written.
+INSERT INTO ms_signals (id, target_id, name, payload, dedup_key, created_at)
+VALUES (:id, :target, :name, :payload, :dedup_key, :now)
+ON CONFLICT DO NOTHING
+RETURNING id
+
+-- signal_run --
+-- A signal arrived: bump the run's signal_seq, and wake it when it waits for :name.
+UPDATE ms_runs
+SET signal_seq = signal_seq + 1,
+    state = CASE WHEN state = 'waiting'
+                      AND EXISTS (SELECT 1 FROM json_each(ms_runs.awaits) WHERE value = :name)
+                 THEN 'available' ELSE state END,
+    updated_at = :now
+WHERE id = :id
+RETURNING state, queue
 
 -- extend_leases --
 -- Push out the leases this node still holds (a JSON array of [id, fence]).
@@ -86,13 +257,27 @@ WHERE id IN (SELECT id FROM ms_runs WHERE state = 'scheduled' AND run_at <= :now
              ORDER BY run_at LIMIT :limit)
 RETURNING queue
 
+-- expire_awaits --
+-- Waiting runs whose await deadline passed become available on their timeout
+-- step (the await's step when it named none).
+UPDATE ms_runs
+SET state = 'available', step = coalesce(wake_step, step), awaits = NULL, deadline = NULL,
+    wake_step = NULL, updated_at = :now
+WHERE id IN (SELECT id FROM ms_runs WHERE state = 'waiting' AND deadline <= :now
+             ORDER BY deadline LIMIT :limit)
+RETURNING queue
+
 -- next_due --
--- When the next scheduled run is due.
-SELECT min(run_at) FROM ms_runs WHERE state = 'scheduled'
+-- When the next scheduled run or await deadline is due.
+SELECT min(due) FROM (
+    SELECT min(run_at) AS due FROM ms_runs WHERE state = 'scheduled'
+    UNION ALL
+    SELECT min(deadline) FROM ms_runs WHERE state = 'waiting' AND deadline IS NOT NULL)
 
 -- reap_expired --
 -- Runs whose lease expired go back to available (or failed on their last
--- attempt) under a new fence, so the silent owner can never commit.
+-- attempt) under a new fence, so the silent owner can never commit. Returns
+-- parent_id and signal_seq for the fan-in and inbox of the runs that failed.
 UPDATE ms_runs
 SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'available' END,
     error = json_object(
@@ -104,20 +289,32 @@ SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'available' END
     fence = fence + 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
 WHERE id IN (SELECT id FROM ms_runs WHERE state = 'running' AND lease_expires_at < :now
              ORDER BY lease_expires_at LIMIT :limit)
-RETURNING id, state, queue
+RETURNING id, state, queue, parent_id, signal_seq
 
 -- delete_terminal --
--- Delete one batch of terminal runs finished before :before.
+-- Delete one batch of terminal runs finished before :before; a child whose
+-- parent is not terminal stays (the parent reads it). Returns the ids deleted.
 DELETE FROM ms_runs
-WHERE id IN (SELECT id FROM ms_runs
-             WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < :before
-             ORDER BY finished_at LIMIT :limit)
+WHERE id IN (SELECT r.id FROM ms_runs r
+             WHERE r.state IN ('completed', 'failed', 'cancelled') AND r.finished_at < :before
+               AND (r.parent_id IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM ms_runs p
+                     WHERE p.id = r.parent_id
+                       AND p.state NOT IN ('completed', 'failed', 'cancelled')))
+             ORDER BY r.finished_at LIMIT :limit)
+RETURNING id
+
+-- delete_signals --
+-- Delete the signals of these runs (a JSON array of ids); foreign keys are off.
+DELETE FROM ms_signals WHERE target_id IN (SELECT value FROM json_each(:ids))
 
 -- pending_before --
--- Runs of the queues (a JSON array) available, running, or scheduled before :moment.
+-- Runs of the queues (a JSON array) available, running, or scheduled (or
+-- waiting with an await deadline) before :moment.
 SELECT count(*) FROM ms_runs
 WHERE queue IN (SELECT value FROM json_each(:queues))
-  AND (state IN ('available', 'running') OR (state = 'scheduled' AND run_at < :moment))
+  AND (state IN ('available', 'running') OR (state = 'scheduled' AND run_at < :moment)
+       OR (state = 'waiting' AND deadline < :moment))
 
 -- get_runs --
 -- Full rows of runs by id (a JSON array).
@@ -133,13 +330,23 @@ WHERE (:state IS NULL OR state = :state)
 ORDER BY id DESC
 LIMIT :limit
 
--- cancel_run --
--- Cancel a non-terminal run; a running one gets a new fence.
+-- cancel_tree --
+-- A run and its descendants that are not terminal, with their state, parent
+-- and signal_seq.
+WITH RECURSIVE tree (id) AS (
+    SELECT :id
+    UNION
+    SELECT c.id FROM ms_runs c JOIN tree ON c.parent_id = tree.id)
+SELECT r.id, r.state, r.parent_id, r.signal_seq FROM ms_runs r JOIN tree ON r.id = tree.id
+WHERE r.state NOT IN ('completed', 'failed', 'cancelled')
+
+-- cancel_runs --
+-- Cancel non-terminal runs (a JSON array of ids); running ones get a new fence.
 UPDATE ms_runs
 SET state = 'cancelled', fence = fence + 1, finished_at = :now,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
-WHERE id = :id AND state NOT IN ('completed', 'failed', 'cancelled')
-RETURNING id
+WHERE id IN (SELECT value FROM json_each(:ids))
+  AND state NOT IN ('completed', 'failed', 'cancelled')
 
 -- retry_run --
 -- A failed or cancelled run becomes available again, allowing one more attempt.
@@ -194,3 +401,27 @@ FROM ms_nodes ORDER BY name
 -- prune_nodes --
 -- Delete nodes whose heartbeat is older than :after seconds.
 DELETE FROM ms_nodes WHERE heartbeat_at < :now - :after RETURNING name
+
+-- set_rate_limit --
+-- Create or replace a rate limit's configuration.
+INSERT INTO ms_rate_limits (name, allowed, period, burst, updated_at)
+VALUES (:name, :allowed, :period, :burst, :now)
+ON CONFLICT (name) DO UPDATE
+SET allowed = excluded.allowed, period = excluded.period, burst = excluded.burst,
+    updated_at = :now
+
+-- rate_limit_configs --
+-- Every configured rate limit.
+SELECT name, allowed, period, burst FROM ms_rate_limits ORDER BY name
+
+-- rate_limit_status --
+-- The buckets of rate limit :name: tokens refilled to :now (as in
+-- rated_buckets) and the runs waiting on each.
+SELECT b.key,
+       min(l.burst, coalesce(b.tokens, l.burst)
+                    + max(0.0, :now - b.refilled_at) * l.allowed / l.period) AS tokens,
+       (SELECT count(*) FROM ms_runs r
+        WHERE r.state = 'available' AND r.rate_limit = b.key) AS waiting
+FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
+WHERE b.name = :name
+ORDER BY b.key
