@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -398,3 +399,53 @@ def test_machine_registration_is_checked() -> None:
         app.rate_limits.configure("a:b", allowed=1, period=1)
     with pytest.raises(ms.ConfigError, match="exactly one"):
         app.signal(name="x")
+
+
+@aio
+async def test_gc_keeps_children_of_live_parents_and_prunes_idle_buckets(db_url: str) -> None:
+    app = ms.App(db_url, retention=3600.0)
+    app.rate_limits.configure("fast", allowed=1000, period=1.0)
+
+    @app.task(name="quick")
+    async def quick() -> str:
+        return "done"
+
+    @app.machine(name="forever")
+    class Forever(ms.Machine):
+        initial = "wait"
+
+        async def wait(self, ctx: ms.StepContext, state: Any) -> ms.Outcome:
+            return ms.Await("never", then="wait", state=state)
+
+    @app.machine(name="holder")
+    class Holder(ms.Machine):
+        initial = "spawn"
+
+        async def spawn(self, ctx: ms.StepContext, state: Any) -> ms.Outcome:
+            return ms.Spawn([quick.call(), Forever.spec({})], then="end", state=state)
+
+        async def end(self, ctx: ms.StepContext, state: Any) -> ms.Outcome:
+            return ms.Done()
+
+    try:
+        parent = await Holder.start_async({})
+        limited = await quick.options(rate_limit=("fast", "t1")).enqueue_async()
+        async with running(app, concurrency=8):
+            await limited.result_async(timeout=10)
+
+            async def quick_child_done() -> bool:
+                runs = await app.list_runs_async(name="quick", state="completed")
+                return any(r.parent_id == parent.id for r in runs)
+
+            await eventually(quick_child_done)
+            store = await app.store()
+            later = datetime.now(UTC) + timedelta(seconds=60)
+            assert await store.delete_terminal(later, 100) == 1  # the unparented job only
+            await app.cancel_async(parent.id)  # cancels the waiting child too
+            assert await store.delete_terminal(later, 100) == 3
+            assert await app.list_runs_async() == []
+            await asyncio.sleep(0.05)  # the bucket refills to its burst
+            assert await store.prune_rate_buckets() == 1
+            assert (await app.rate_limits.status_async("fast")).buckets == []
+    finally:
+        await app.aclose()

@@ -674,6 +674,7 @@ class Worker:
             cutoff = datetime.now(UTC) - timedelta(seconds=self.app.retention)
             while await self.store.delete_terminal(cutoff, 1000) == 1000:
                 await asyncio.sleep(0.05)  # leave room for the hot path between batches
+            await self.store.prune_rate_buckets()
 
     async def _periodic_loop(self) -> None:
         periodics = [p for p in self.app.periodics if p.task.queue in self.queues]

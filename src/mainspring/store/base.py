@@ -304,6 +304,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def prune_rate_buckets(self) -> int:
+        """Delete full buckets no run waits on (they come back full when next named)."""
+
+    @abc.abstractmethod
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
         """How many runs of these queues are available or running, or due before `moment`.
 

@@ -512,6 +512,10 @@ class PostgresStore(Store):
         status = await self.pool.execute(Q["delete_terminal"], finished_before, limit)
         return int(status.split()[-1])
 
+    async def prune_rate_buckets(self) -> int:
+        status = await self.pool.execute(Q["prune_rate_buckets"])
+        return int(status.split()[-1])
+
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
         return int(await self.pool.fetchval(Q["pending_before"], list(queues), moment))
 

@@ -443,6 +443,12 @@ class SqliteStore(Store):
 
         return await self._write(delete)
 
+    async def prune_rate_buckets(self) -> int:
+        def prune(con: sqlite3.Connection) -> int:
+            return con.execute(Q["prune_rate_buckets"], {"now": time.time()}).rowcount
+
+        return await self._write(prune)
+
     async def pending_before(self, queues: Sequence[str], moment: datetime) -> int:
         def count() -> int:
             params = {"queues": _json(list(queues)), "moment": moment.timestamp()}

@@ -619,3 +619,14 @@ ORDER BY b.key
 -- has_rate_limits --
 -- Whether any rate limit is configured (the claim then grants from buckets).
 SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
+
+-- prune_rate_buckets --
+-- Delete buckets that have refilled to their burst and that no available run
+-- names: a bucket that comes back starts full, so nothing is lost (per-tenant
+-- buckets would otherwise pile up).
+DELETE FROM ms_rate_buckets b
+USING ms_rate_limits l
+WHERE l.name = b.name
+  AND coalesce(b.tokens, l.burst)
+      + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period >= l.burst
+  AND NOT EXISTS (SELECT 1 FROM ms_runs r WHERE r.state = 'available' AND r.rate_limit = b.key)

@@ -425,3 +425,13 @@ SELECT b.key,
 FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
 WHERE b.name = :name
 ORDER BY b.key
+
+-- prune_rate_buckets --
+-- Delete buckets that have refilled to their burst and that no available run
+-- names: a bucket that comes back starts full, so nothing is lost.
+DELETE FROM ms_rate_buckets
+WHERE key IN (
+    SELECT b.key FROM ms_rate_buckets b JOIN ms_rate_limits l ON l.name = b.name
+    WHERE coalesce(b.tokens, l.burst) + (:now - b.refilled_at) * l.allowed / l.period >= l.burst
+      AND NOT EXISTS (SELECT 1 FROM ms_runs r
+                      WHERE r.state = 'available' AND r.rate_limit = b.key))
