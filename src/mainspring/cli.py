@@ -273,6 +273,22 @@ def bench_jobs(
     click.echo(render(result, fmt))
 
 
+@bench.command("machines")
+@click.option("--backend", type=click.Choice(["sqlite", "postgres"]), default="sqlite")
+@click.option("--url", "bench_url", help="Server URL for postgres (default: local server).")
+@click.option("--machines", type=int, default=5_000, show_default=True)
+@click.option("--concurrency", type=int, default=500, show_default=True)
+@format_option
+def bench_machines(
+    backend: str, bench_url: str | None, machines: int, concurrency: int, fmt: str
+) -> None:
+    """Run three-step machines to completion; print committed step transitions per second."""
+    from mainspring.bench.machines import render, run_machines_bench
+
+    result = run_machines_bench(backend, bench_url, machines, concurrency=concurrency)
+    click.echo(render(result, fmt))
+
+
 @main.command()
 @click.option("--jobs", type=int, default=200, show_default=True)
 @click.option("--url", "demo_url", default="sqlite:///mainspring-demo.db", show_default=True)
