@@ -119,7 +119,9 @@ class Worker:
         self.telemetry = app.telemetry
         self.status = "up"
         self._store: Store | None = None
-        self._inflight: dict[str, InFlight] = {}
+        # Keyed by (run id, fence): a machine's next step can be claimed here
+        # while the commit of its previous step is still being acknowledged.
+        self._inflight: dict[tuple[str, int], InFlight] = {}
         self._running: Counter[str] = Counter()
         self._reserved: Counter[str] = Counter()
         self._outcomes: list[Outcome] = []
@@ -340,10 +342,11 @@ class Worker:
 
     def _start_run(self, run: Claimed) -> None:
         flight = InFlight(run, started=time.monotonic())
-        self._inflight[run.id] = flight
+        self._inflight[run.id, run.fence] = flight
         self._running[run.queue] += 1
         self.claimed_total += 1
-        flight.task = asyncio.create_task(self._execute(flight), name=f"run:{run.id}")
+        flight.task = asyncio.create_task(self._execute(flight))
+        flight.task.add_done_callback(functools.partial(self._finished, flight))
         if self.telemetry.listening("run.claimed"):
             self.telemetry.emit(
                 "run.claimed", id=run.id, name=run.name, queue=run.queue, attempt=run.attempt,
@@ -374,11 +377,25 @@ class Worker:
         finally:
             flight.executing = False
         if outcome is None:
-            self._forget(run.id)
+            self._forget(run.id, run.fence)
             return
+        self._queue_outcome(run, outcome)
+
+    def _queue_outcome(self, run: Claimed, outcome: Outcome) -> None:
         outcome.parent_id = run.parent_id
         self._outcomes.append(outcome)
         self._outcome_ready.set()
+
+    def _finished(self, flight: InFlight, _task: asyncio.Task[None]) -> None:
+        """A handler task cancelled before its coroutine ever ran still gives its slot back."""
+        if not flight.executing:
+            return
+        flight.executing = False
+        run = flight.run
+        if flight.release and not flight.lost:
+            self._queue_outcome(run, Outcome(run.id, run.fence, AVAILABLE, refund_attempt=True))
+        else:
+            self._forget(run.id, run.fence)
 
     async def _step(self, run: Claimed) -> Outcome:
         if self._machines is None:
@@ -520,13 +537,13 @@ class Worker:
         self.telemetry.emit("node.loop_crashed", loop="commit", error=repr(exc))
         self.status = "degraded"
         for outcome in batch:
-            self._forget(outcome.id)
+            self._forget(outcome.id, outcome.fence)
 
     def _committed(self, batch: list[Outcome], committed: set[str]) -> None:
         telemetry = self.telemetry
         released: set[str] = set()
         for outcome in batch:
-            flight = self._forget(outcome.id)
+            flight = self._forget(outcome.id, outcome.fence)
             run = flight.run if flight else None
             if outcome.id not in committed:
                 telemetry.emit("run.lease_lost", id=outcome.id, node=self.name, state=outcome.state)
@@ -557,9 +574,9 @@ class Worker:
             for queue in released:
                 self._notify_soon(queue)
 
-    def _forget(self, run_id: str) -> InFlight | None:
-        """The run is no longer this node's: free its slot."""
-        flight = self._inflight.pop(run_id, None)
+    def _forget(self, run_id: str, fence: int) -> InFlight | None:
+        """The run (under this fence) is no longer this node's: free its slot."""
+        flight = self._inflight.pop((run_id, fence), None)
         if flight is not None:
             self._running[flight.run.queue] -= 1
             self._slot_freed.set()
@@ -608,20 +625,29 @@ class Worker:
             if not held:
                 continue
             kept = await self.store.extend_leases(self.name, held, self.lease_ttl)
-            for run_id, _fence in held:
+            for run_id, fence in held:
                 if run_id not in kept:
-                    self._lose(run_id, "lease")
+                    self._lose(run_id, "lease", fence)
 
-    def _lose(self, run_id: str, reason: str) -> None:
-        """This node no longer owns the run: stop its handler; its outcome will be refused."""
-        flight = self._inflight.get(run_id)
-        if flight is None or not flight.executing or flight.lost:
-            return
-        flight.lost = True
-        if flight.task is not None:
-            flight.task.cancel()
-        self.telemetry.emit("run.lease_lost", id=run_id, node=self.name, reason=reason)
-        log.warning("run %s: %s lost; handler cancelled", run_id, reason)
+    def _lose(self, run_id: str, reason: str, fence: int | None = None) -> None:
+        """This node no longer owns the run: stop its handler; its outcome will be refused.
+
+        With a fence, only the handler of that claim (the run may have been
+        claimed again since the lease check was sent).
+        """
+        flights = [
+            f
+            for (rid, f_fence), f in self._inflight.items()
+            if rid == run_id and (fence is None or f_fence == fence)
+        ]
+        for flight in flights:
+            if not flight.executing or flight.lost:
+                continue
+            flight.lost = True
+            if flight.task is not None:
+                flight.task.cancel()
+            self.telemetry.emit("run.lease_lost", id=run_id, node=self.name, reason=reason)
+            log.warning("run %s: %s lost; handler cancelled", run_id, reason)
 
     # -- background loops -------------------------------------------------------------------
 

@@ -489,7 +489,8 @@ class PostgresStore(Store):
         rows = await (await self.relaxed()).fetch(
             Q["extend_leases"], [h[0] for h in held], [h[1] for h in held], node, lease_ttl
         )
-        return {r[0] for r in rows}
+        lost = {(r[0], r[1]) for r in rows}
+        return {h[0] for h in held if (h[0], h[1]) not in lost}
 
     async def promote_due(self, limit: int) -> tuple[list[str], datetime | None]:
         async with (await self.relaxed()).acquire() as con:

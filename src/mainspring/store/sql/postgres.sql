@@ -384,12 +384,24 @@ WHERE correlation_key = $1 AND state IN ('completed', 'failed', 'cancelled')
 LIMIT 1
 
 -- extend_leases --
--- Push out the leases this node ($3) still holds under their fence; returns the ids held.
-UPDATE ms_runs r
-SET lease_expires_at = now() + make_interval(secs => $4)
-FROM unnest($1::text[], $2::bigint[]) AS h(id, fence)
-WHERE r.id = ANY($1::text[]) AND r.id = h.id AND r.fence = h.fence AND r.lease_owner = $3
-RETURNING r.id
+-- Push out the leases this node ($3) still holds under their fence; returns the
+-- ids it no longer holds. Rows locked right now (a commit of this node is
+-- finishing them) are skipped rather than waited for: waiting would let a
+-- commit and this update lock rows in opposite orders and deadlock. A skipped
+-- row is still held (its fence matched) and is reported as such.
+WITH h AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS h(id, fence)
+), mine AS (
+    SELECT r.id FROM ms_runs r JOIN h ON h.id = r.id
+    WHERE r.id = ANY($1::text[]) AND r.fence = h.fence AND r.lease_owner = $3
+    FOR NO KEY UPDATE OF r SKIP LOCKED
+), upd AS (
+    UPDATE ms_runs r SET lease_expires_at = now() + make_interval(secs => $4)
+    FROM mine WHERE r.id = mine.id
+)
+SELECT h.id, h.fence FROM h
+WHERE NOT EXISTS (SELECT 1 FROM ms_runs r
+                  WHERE r.id = h.id AND r.fence = h.fence AND r.lease_owner = $3)
 
 -- promote_due --
 -- Scheduled runs whose time has come become available.
