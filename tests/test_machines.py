@@ -449,3 +449,34 @@ async def test_gc_keeps_children_of_live_parents_and_prunes_idle_buckets(db_url:
             assert (await app.rate_limits.status_async("fast")).buckets == []
     finally:
         await app.aclose()
+
+
+@aio
+async def test_fast_steps_under_short_leases_never_lose_a_handler(db_url: str) -> None:
+    """A machine's next step may be claimed before its previous commit is acknowledged.
+
+    Neither that commit nor a lease check sent before the re-claim may touch the
+    new claim (max_attempts=1: a cancelled or dropped step fails its run).
+    """
+    app = ms.App(db_url, lease_ttl=0.6, shutdown_grace=2.0)
+    lost: list[dict[str, Any]] = []
+    app.telemetry.attach("run.lease_lost", lambda _e, meta: lost.append(meta))
+
+    @app.machine(name="hopper", max_attempts=1)
+    class Hopper(ms.Machine):
+        initial = "hop"
+
+        async def hop(self, ctx: ms.StepContext, state: dict[str, int]) -> ms.Outcome:
+            await asyncio.sleep(0.001)
+            if state["left"] == 0:
+                return ms.Done(state["hops"])
+            return ms.Next("hop", {"left": state["left"] - 1, "hops": state["hops"] + 1})
+
+    try:
+        handles = [await Hopper.start_async({"left": 8, "hops": 0}) for _ in range(150)]
+        async with running(app, concurrency=60):
+            results = [await h.result_async(timeout=60) for h in handles]
+        assert results == [8] * 150
+        assert lost == []
+    finally:
+        await app.aclose()
