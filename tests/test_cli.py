@@ -165,3 +165,53 @@ def test_demo_runs_on_the_embedded_default(tmp_path: pytest.TempPathFactory) -> 
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "'completed': 50" in out.stdout and "same run True" in out.stdout
+
+
+def test_signal_rate_limit_and_waits_on(app: ms.App) -> None:
+    app.rate_limits.configure("api", allowed=1, period=3600, burst=1)
+
+    @app.machine(name="cli_waiter")
+    class Waiter(ms.Machine):
+        initial = "wait"
+
+        async def wait(self, ctx: ms.StepContext, state: dict[str, int]) -> ms.Outcome:
+            return ms.Await("go", then="end", state=state)
+
+        async def end(self, ctx: ms.StepContext, state: dict[str, int]) -> ms.Outcome:
+            return ms.Done(ctx.awaited.payload("go"))
+
+    @app.task(name="cli_limited")
+    async def limited() -> None: ...
+
+    waiter = Waiter.start({}, correlation_key="order-1")
+    first, second = app.enqueue_many([limited.options(rate_limit="api").call() for _ in range(2)])
+
+    async def work() -> None:
+        async with running(app, concurrency=4):
+            await first.result_async(timeout=10)
+            await app.rate_limits.status_async("api")
+
+            async def parked() -> bool:
+                return (await waiter.get_async()).state == "waiting"
+
+            while not await parked():
+                await asyncio.sleep(0.02)
+
+    asyncio.run(work())
+    listed = json.loads(invoke(app.url, "runs", "list", "--format", "json"))
+    waits = {r["id"]: r["waits_on"] for r in listed}
+    assert waits[waiter.id] == "signal go" and waits[second.id] == "rate limit api (1 token)"
+    explained = json.loads(invoke(app.url, "runs", "explain", second.id, "--format", "json"))
+    assert any("bucket 'api' is empty" in r for r in explained["reasons"])
+    status = json.loads(invoke(app.url, "rate-limit", "api", "--format", "json"))
+    assert status["config"]["burst"] == 1 and status["buckets"][0]["waiting"] == 1
+    assert "delivered" in invoke(app.url, "runs", "signal", "order-1", "go", "--key",
+                                 "--payload", '{"n": 1}')  # fmt: skip
+    result = CliRunner().invoke(main, ["--url", app.url, "runs", "signal", "nope", "go"])
+    assert result.exit_code == 1 and "not_found" in result.output
+
+    async def finish() -> object:
+        async with running(app, concurrency=4):
+            return await waiter.result_async(timeout=10)
+
+    assert asyncio.run(finish()) == {"n": 1}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
+import json
 import logging
 import os
 import sys
@@ -131,15 +133,32 @@ def runs() -> None:
 
 
 def _runs_table(items: list[Run]) -> Table:
-    table = Table("name", "queue", "state", "attempt", "priority", "run_at", "error")
+    table = Table("name", "queue", "state", "step", "attempt", "priority", "run_at", "waits on")
+    table.add_column("error")
     table.add_column("id", no_wrap=True, min_width=36)
     for r in items:
         error = (r.error or {}).get("message", "") if r.error else ""
         table.add_row(
-            r.name, r.queue, r.state, f"{r.attempt}/{r.max_attempts}", str(r.priority),
-            r.run_at.strftime("%Y-%m-%d %H:%M:%S"), str(error)[:60], r.id,
+            r.name, r.queue, r.state, r.step or "", f"{r.attempt}/{r.max_attempts}",
+            str(r.priority), r.run_at.strftime("%Y-%m-%d %H:%M:%S"), _waits_on(r),
+            str(error)[:60], r.id,
         )  # fmt: skip
     return table
+
+
+def _waits_on(run: Run) -> str:
+    """What a run that is not running waits for, in a few words (`runs explain` says more)."""
+    if run.state == "available" and run.rate_limit:
+        return f"rate limit {run.rate_limit} ({run.weight} token{'s' if run.weight > 1 else ''})"
+    if run.state == "available" and run.concurrency_key:
+        return f"concurrency key {run.concurrency_key}"
+    if run.state == "waiting" and run.awaits is not None:
+        return "signal " + " | ".join(run.awaits)
+    if run.state == "waiting" and run.children_pending:
+        return f"{run.children_pending} children"
+    if run.state == "scheduled":
+        return "its time"
+    return ""
 
 
 @runs.command("list")
@@ -157,7 +176,7 @@ def runs_list(
         lambda app: app.list_runs_async(state=state, queue=queue, name=name, limit=limit)
     )
     if fmt == "json":
-        click.echo(_json([r.to_dict() for r in items]))
+        click.echo(_json([{**r.to_dict(), "waits_on": _waits_on(r)} for r in items]))
     else:
         console.print(_runs_table(items))
 
@@ -197,6 +216,55 @@ def runs_retry(ctx: Ctx, run_id: str) -> None:
     """Run a failed or cancelled run again."""
     run = ctx.run(lambda app: app.retry_async(run_id))
     console.print(f"{run.id}: {run.state}")
+
+
+@runs.command("signal")
+@click.argument("target")
+@click.argument("name")
+@click.option("--payload", default="null", help="JSON payload.", show_default=True)
+@click.option("--dedup-key", help="A resend with the same key is a no-op.")
+@click.option("--key", "by_key", is_flag=True, help="TARGET is a correlation key, not a run id.")
+@pass_ctx
+def runs_signal(
+    ctx: Ctx, target: str, name: str, payload: str, dedup_key: str | None, by_key: bool
+) -> None:
+    """Send signal NAME to a run (by id, or by correlation key with --key)."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    run_id, key = (None, target) if by_key else (target, None)
+    result = ctx.run(
+        lambda app: app.signal_async(run_id, name, data, correlation_key=key, dedup_key=dedup_key)
+    )
+    console.print(f"{target}: {result.value}")
+    if result.value in ("not_found", "terminal"):
+        raise SystemExit(1)
+
+
+@main.command("rate-limit")
+@click.argument("name")
+@format_option
+@pass_ctx
+def rate_limit(ctx: Ctx, name: str, fmt: str) -> None:
+    """Show a rate limit: its configuration and each bucket's tokens and waiting runs."""
+    status = ctx.run(lambda app: app.rate_limits.status_async(name))
+    if fmt == "json":
+        click.echo(_json({
+            "name": name,
+            "config": None if status.config is None else dataclasses.asdict(status.config),
+            "buckets": [dataclasses.asdict(b) for b in status.buckets],
+        }))  # fmt: skip
+        return
+    if status.config is None:
+        console.print(f"rate limit {name!r} is not configured")
+    else:
+        c = status.config
+        console.print(f"{name}: {c.allowed} per {c.period:g} s, burst {c.burst}")
+    table = Table("bucket", "tokens", "waiting runs")
+    for b in status.buckets:
+        table.add_row(b.key, f"{b.tokens:.2f}", str(b.waiting))
+    console.print(table)
 
 
 @runs.command("explain")
