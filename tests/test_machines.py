@@ -480,3 +480,33 @@ async def test_fast_steps_under_short_leases_never_lose_a_handler(db_url: str) -
         assert lost == []
     finally:
         await app.aclose()
+
+
+@aio
+async def test_a_worker_serves_machine_queues_and_first_calls_share_one_store(db_url: str) -> None:
+    app = ms.App(db_url)
+    opened = 0
+    open_store = app.open_store
+
+    async def counting_open() -> Any:
+        nonlocal opened
+        opened += 1
+        return await open_store()
+
+    app.open_store = counting_open  # type: ignore[method-assign]
+
+    @app.machine(name="orders_machine", queue="orders")
+    class Orders(ms.Machine):
+        initial = "go"
+
+        async def go(self, ctx: ms.StepContext, state: int) -> ms.Outcome:
+            return ms.Done(state * 2)
+
+    try:
+        handles = await asyncio.gather(*(Orders.start_async(i) for i in range(20)))
+        assert opened == 1  # twenty concurrent first calls, one pool
+        async with running(app, concurrency=8) as worker:
+            assert "orders" in worker.queues
+            assert [await h.result_async(timeout=10) for h in handles] == [i * 2 for i in range(20)]
+    finally:
+        await app.aclose()

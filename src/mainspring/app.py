@@ -317,6 +317,9 @@ class App:
         self._inserters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InsertBatcher] = (
             weakref.WeakKeyDictionary()
         )
+        self._opening: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Future[Store]
+        ] = weakref.WeakKeyDictionary()
         self._migrated = False
 
     def __repr__(self) -> str:
@@ -482,7 +485,15 @@ class App:
         loop = asyncio.get_running_loop()
         store = self._stores.get(loop)
         if store is None:
-            store = await self.open_store()
+            # Concurrent first calls on a loop share one opening, not one pool each.
+            opening = self._opening.get(loop)
+            if opening is None:
+                opening = self._opening[loop] = asyncio.ensure_future(self.open_store())
+            try:
+                store = await asyncio.shield(opening)
+            finally:
+                if opening.done():
+                    self._opening.pop(loop, None)
             self._stores[loop] = store
         if self._rate_limits_dirty:
             self._rate_limits_dirty = False

@@ -105,7 +105,11 @@ class Worker:
         served = (
             list(queues)
             if queues
-            else sorted({t.queue for t in app.tasks.values()} | set(app.queues))
+            else sorted(
+                {t.queue for t in app.tasks.values()}
+                | {m.queue for m in app.machines.values()}
+                | set(app.queues)
+            )
         )
         self.queues: list[str] = served or ["default"]
         self.concurrency = concurrency
@@ -550,8 +554,8 @@ class Worker:
                 continue
             if outcome.state == COMPLETED:
                 self.completed_total += 1
-            if outcome.state == SCHEDULED:
-                self._timer_wake.set()
+            if outcome.state == SCHEDULED or (outcome.step and outcome.step.deadline):
+                self._timer_wake.set()  # a retry or an await timeout to schedule
             if outcome.state == AVAILABLE and run and outcome.step is None:
                 released.add(run.queue)
             event = "run.step" if outcome.step is not None else _EVENTS[outcome.state]

@@ -464,7 +464,9 @@ class PostgresStore(Store):
         if not row["inserted"]:
             return SignalDelivery("duplicate", target)
         woke = row["old_state"] != AVAILABLE and row["new_state"] == AVAILABLE
-        if woke:
+        if row["new_state"] == AVAILABLE:
+            # Available before too: a claim that skipped the row while this held its
+            # lock may have used up the enqueue's wake-up, so wake the queue again.
             await self.notify(row["queue"])
         return SignalDelivery("delivered", target, woke)
 

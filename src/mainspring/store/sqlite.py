@@ -363,7 +363,9 @@ class SqliteStore(Store):
             row = con.execute(Q["signal_run"], {"id": target["id"], "name": name, "now": now})
             after = row.fetchone()
             woke = target["state"] == WAITING and after["state"] == AVAILABLE
-            return SignalDelivery("delivered", target["id"], woke), after["queue"] if woke else None
+            # An available run is woken too: a claim that skipped it may have used the wake-up.
+            wake = after["queue"] if after["state"] == AVAILABLE else None
+            return SignalDelivery("delivered", target["id"], woke), wake
 
         delivery, queue = await self._write(deliver)
         if queue is not None:
