@@ -21,7 +21,6 @@ Machines:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from typing import Any
 
 import mainspring as ms
 from crash_app import record
+from processes import WorkerProcesses
 
 MACHINE_APP = Path(__file__)
 
@@ -197,13 +197,11 @@ def build(url: str, *, lease_ttl: float = 2.0, node_name: str | None = None) -> 
     return app
 
 
-class Workers:
-    """Worker processes of one test, their shared record file and their logs."""
+class Workers(WorkerProcesses):
+    """Machine-app worker processes of one test."""
 
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.record_file = directory / "records.jsonl"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(directory, MACHINE_APP)
 
     def start(
         self, url: str, node: str, *, ttl: float = 2.0, concurrency: int = 50
@@ -215,47 +213,8 @@ class Workers:
             MACHINE_TTL=str(ttl),
             MACHINE_CONCURRENCY=str(concurrency),
             CRASH_LOG=str(self.record_file),
-            PYTHONUNBUFFERED="1",
         )
-        with open(self.dir / f"{node}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, str(MACHINE_APP)],
-                env=env,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs[node] = proc
-        return proc
-
-    def records(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The recorded lines (complete ones only), optionally filtered."""
-        try:
-            text = self.record_file.read_text()
-        except FileNotFoundError:
-            return []
-        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-        return [
-            r
-            for r in lines
-            if (event is None or r["event"] == event)
-            and all(r.get(k) == v for k, v in match.items())
-        ]
-
-    def logs(self, tail: int = 40) -> str:
-        parts = []
-        for node in self.procs:
-            path = self.dir / f"{node}.log"
-            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
-            parts.append(f"--- {node} (last {len(lines)} lines) ---\n" + "\n".join(lines))
-        return "\n".join(parts)
-
-    def cleanup(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
+        return self.spawn(node, env)
 
 
 def main() -> None:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
-import json
 import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import pytest
 import mainspring as ms
 from crash_app import build
 from mainspring.store.sqlite import path_from_url
+from processes import WorkerProcesses
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +38,11 @@ TTL = 2.0  # lease TTL of every node: the reaper runs every TTL / 2 s
 T = TypeVar("T")
 
 
-class Nodes:
-    """Worker processes of one test, their shared record file and their logs."""
+class Nodes(WorkerProcesses):
+    """Crash-app worker processes of one test."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.dir = tmp_path
-        self.record_file = tmp_path / "records.jsonl"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(tmp_path, CRASH_APP)
 
     def start(
         self,
@@ -65,57 +62,11 @@ class Nodes:
             CRASH_GRACE=str(grace),
             CRASH_CONCURRENCY=str(concurrency),
             CRASH_LOG=str(self.record_file),
-            PYTHONUNBUFFERED="1",
         )
         env.pop("CRASH_HOLD", None)
         if hold is not None:
             env["CRASH_HOLD"] = str(hold)
-        with open(self.dir / f"{node}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, str(CRASH_APP)],
-                env=env,
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs[node] = proc
-        return proc
-
-    def records(self, event: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """The recorded lines (complete ones only), optionally filtered."""
-        try:
-            text = self.record_file.read_text()
-        except FileNotFoundError:
-            return []
-        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
-        return [
-            r
-            for r in lines
-            if (event is None or r["event"] == event)
-            and all(r.get(k) == v for k, v in match.items())
-        ]
-
-    def log(self, node: str) -> str:
-        path = self.dir / f"{node}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def logs(self, tail: int = 40) -> str:
-        parts = []
-        for node in self.procs:
-            lines = self.log(node).splitlines()[-tail:]
-            parts.append(f"--- {node} (last {len(lines)} lines) ---\n" + "\n".join(lines))
-        return "\n".join(parts)
-
-    def cleanup(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.kill(proc.pid, signal.SIGCONT)
-                    proc.kill()
-                except ProcessLookupError:
-                    pass
-            proc.wait(timeout=10)
+        return self.spawn(node, env)
 
 
 @pytest.fixture

@@ -69,6 +69,19 @@ def _run(row: asyncpg.Record) -> Run:
     return run_from_row(row, _same)
 
 
+def _outcome_arrays(outcomes: Sequence[Outcome]) -> list[list[Any]]:
+    """The arrays every commit statement starts with ($1..$7)."""
+    return [
+        [o.id for o in outcomes],
+        [o.fence for o in outcomes],
+        [o.state for o in outcomes],
+        [o.output for o in outcomes],
+        [o.error for o in outcomes],
+        [o.run_at for o in outcomes],
+        [1 if o.refund_attempt else 0 for o in outcomes],
+    ]
+
+
 async def _reset(con: asyncpg.Connection) -> None:
     """Return a connection to the pool without asyncpg's default reset query.
 
@@ -364,16 +377,7 @@ class PostgresStore(Store):
                 [o.output for o in outcomes],
             )
             return {r[0] for r in rows}
-        rows = await self.pool.fetch(
-            Q["commit_outcomes"],
-            [o.id for o in outcomes],
-            [o.fence for o in outcomes],
-            [o.state for o in outcomes],
-            [o.output for o in outcomes],
-            [o.error for o in outcomes],
-            [o.run_at for o in outcomes],
-            [1 if o.refund_attempt else 0 for o in outcomes],
-        )
+        rows = await self.pool.fetch(Q["commit_outcomes"], *_outcome_arrays(outcomes))
         return {r[0] for r in rows}
 
     async def _commit_steps(self, outcomes: Sequence[Outcome]) -> set[str]:
@@ -382,13 +386,7 @@ class PostgresStore(Store):
         kids = [k for o in outcomes if o.step for k in o.step.children]
         rows = await self.pool.fetch(
             Q["commit_steps"],
-            [o.id for o in outcomes],
-            [o.fence for o in outcomes],
-            [o.state for o in outcomes],
-            [o.output for o in outcomes],
-            [o.error for o in outcomes],
-            [o.run_at for o in outcomes],
-            [1 if o.refund_attempt else 0 for o in outcomes],
+            *_outcome_arrays(outcomes),
             [s is not None for s in steps],
             [s.step if s else None for s in steps],
             [s.state_data if s else None for s in steps],
