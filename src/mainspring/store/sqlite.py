@@ -233,20 +233,22 @@ class SqliteStore(Store):
 
         def claim(con: sqlite3.Connection) -> list[Any]:
             now = time.time()
-            rows: list[Any] = []
-            room: dict[str, int] = {}  # what each queue may still take from rate-limited runs
+            room: dict[str, int] = {}
             for queue, n in wanted:
                 free = con.execute(Q["queue_free_slots"], {"queue": queue}).fetchone()
                 if free is not None:
                     n = min(n, max(0, free[0]))
                 if n:
-                    params = {"node": node, "now": now, "ttl": lease_ttl, "queue": queue, "n": n}
-                    got = con.execute(Q["claim_runs"], params).fetchall()
-                    rows.extend(got)
-                    if len(got) < n:
-                        room[queue] = n - len(got)
-            if room:
-                rows.extend(self._claim_granted(con, node, lease_ttl, now, room))
+                    room[queue] = n
+            # Granted rate-limited runs first (their buckets bound them), so a steady
+            # backlog of other runs cannot starve them; other runs fill the rest.
+            rows: list[Any] = self._claim_granted(con, node, lease_ttl, now, room) if room else []
+            taken = Counter(r["queue"] for r in rows)
+            for queue, n in room.items():
+                if n > taken[queue]:
+                    params = {"node": node, "now": now, "ttl": lease_ttl, "queue": queue,
+                              "n": n - taken[queue]}  # fmt: skip
+                    rows.extend(con.execute(Q["claim_runs"], params).fetchall())
             return rows
 
         return [_claimed(r) for r in await self._write(claim)]
