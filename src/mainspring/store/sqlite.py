@@ -97,6 +97,8 @@ class SqliteStore(Store):
         self._data_version = 0
         self._callback: Callable[[str], None] | None = None
         self._throttled: list[Throttle] = []
+        self._rated_cache: bool | None = None
+        self._rated_checked_at = 0.0
 
     # -- plumbing --------------------------------------------------------------
 
@@ -242,7 +244,8 @@ class SqliteStore(Store):
                     room[queue] = n
             # Granted rate-limited runs first (their buckets bound them), so a steady
             # backlog of other runs cannot starve them; other runs fill the rest.
-            rows: list[Any] = self._claim_granted(con, node, lease_ttl, now, room) if room else []
+            rated = room and self._rated(con, now)
+            rows: list[Any] = self._claim_granted(con, node, lease_ttl, now, room) if rated else []
             taken = Counter(r["queue"] for r in rows)
             for queue, n in room.items():
                 if n > taken[queue]:
@@ -292,24 +295,41 @@ class SqliteStore(Store):
         self._throttled.extend(Throttle(k, got[k], n) for k, n in short.items())
         return rows
 
+    def _rated(self, con: sqlite3.Connection, now: float) -> bool:
+        """Whether rate limits are configured (re-read every few seconds)."""
+        if self._rated_cache is None or now - self._rated_checked_at > 5.0:
+            self._rated_cache = bool(con.execute(Q["has_rate_limits"]).fetchone()[0])
+            self._rated_checked_at = now
+        return self._rated_cache
+
     def take_throttled(self) -> list[Throttle]:
         throttled, self._throttled = self._throttled, []
         return throttled
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
         data = _json([_outcome_row(o) for o in outcomes])
-        statement = Q["commit_steps" if any(o.step for o in outcomes) else "commit_outcomes"]
+        steps = any(o.step for o in outcomes)
+        statement = Q["commit_steps" if steps else "commit_outcomes"]
 
         def commit(con: sqlite3.Connection) -> tuple[set[str], set[str]]:
             now = time.time()
             rows = con.execute(statement, {"outcomes": data, "now": now}).fetchall()
             if not rows:
                 return set(), set()
-            wake = {r["queue"] for r in rows if r["state"] == AVAILABLE}
-            wake |= _commit_effects(con, now, rows, outcomes)
-            return {r["id"] for r in rows}, wake
+            # Columns: id, state, queue, parent_id, rate_limit, signal_seq.
+            wake = {r[2] for r in rows if r[1] == AVAILABLE}
+            if steps:
+                wake |= _commit_effects(con, now, rows, outcomes)
+            else:  # jobs: only a signalled or child run that finished has more to do
+                wake |= _finish(con, now, [r for r in rows if (r[3] or r[5]) and r[1] in TERMINAL])
+            return {r[0] for r in rows}, wake
 
-        committed, wake = await self._write(commit)
+        if steps or any(o.parent_id or o.state == WAITING for o in outcomes):
+            committed, wake = await self._write(commit)
+        else:
+            # Plain outcomes: the UPDATE is the whole commit, so it runs as its own
+            # transaction; clearing a finished run's leftover inbox may follow apart.
+            committed, wake = await self._call(commit, self.con)
         await self._wake(wake)
         return committed
 
@@ -388,6 +408,8 @@ class SqliteStore(Store):
                 con.execute(Q["set_rate_limit"], params)
 
         await self._write(write)
+        if configs:
+            self._rated_cache = True
 
     async def rate_limit_configs(self) -> dict[str, RateLimitConfig]:
         rows = await self._call(self._fetch, "rate_limit_configs", {})

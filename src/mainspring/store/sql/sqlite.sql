@@ -435,3 +435,7 @@ WHERE key IN (
     WHERE coalesce(b.tokens, l.burst) + (:now - b.refilled_at) * l.allowed / l.period >= l.burst
       AND NOT EXISTS (SELECT 1 FROM ms_runs r
                       WHERE r.state = 'available' AND r.rate_limit = b.key))
+
+-- has_rate_limits --
+-- Whether any rate limit is configured (the claim then grants from buckets).
+SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
