@@ -34,6 +34,8 @@ from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from mainspring.machines.machine import Machine, MachineDef
+    from mainspring.workflows.workflow import WorkflowDef
+    from mainspring.workflows.workflow import WorkflowDef
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -304,6 +306,7 @@ class App:
         self.process_pool_size = process_pool_size or os.cpu_count() or 2
         self.tasks: dict[str, Task[..., Any]] = {}
         self.machines: dict[str, MachineDef] = {}
+        self.workflows: dict[str, WorkflowDef] = {}
         self.rate_limits = RateLimits(self)
         self._rate_limits_dirty = False
         self.periodics: list[Periodic] = []
@@ -466,6 +469,66 @@ class App:
             return cls
 
         return register
+
+    def workflow(
+        self, fn: Any = None, /, *, name: str | None = None, queue: str = "default"
+    ) -> Any:
+        """Register a workflow: `async def flow(wf: ms.Workflow, input) -> result`.
+
+        Its source is checked for calls that would break replay (clock,
+        randomness, I/O, threads): those belong in activities.
+        """
+        from mainspring.workflows.workflow import WorkflowDef, fingerprint
+
+        def register(func: Any) -> Any:
+            if not inspect.iscoroutinefunction(func):
+                raise ConfigError(f"@app.workflow needs an async function, got {func!r}")
+            workflow_name = name or f"{func.__module__}.{func.__qualname__}"
+            if workflow_name in self.workflows or workflow_name in self.tasks:
+                raise ConfigError(f"a task or workflow named {workflow_name!r} is already registered")
+            _check_determinism(func)
+            definition = WorkflowDef(self, func, workflow_name, queue, fingerprint(func))
+            self.workflows[workflow_name] = definition
+            func.workflow_name = workflow_name
+            return func
+
+        return register(fn) if fn is not None else register
+
+    async def start_async(
+        self,
+        workflow: Any,
+        input: Any = None,
+        *,
+        id: str | None = None,
+        namespace: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        queue: str | None = None,
+        run_at: datetime | None = None,
+    ) -> RunHandle:
+        """Start a workflow run; with an `id` that exists already, its handle (not created)."""
+        from mainspring.workflows.workflow import _definition_of
+
+        definition = _definition_of(self, workflow)
+        if id is not None:
+            existing = await (await self.store()).get_run(id)
+            if existing is not None:
+                return RunHandle(self, id, created=False)
+        run = definition.new_run(
+            input, datetime.now(UTC), id=id, queue=queue, namespace=namespace,
+            attributes=attributes, run_at=run_at,
+        )  # fmt: skip
+        return await self.insert_async(run)
+
+    def start(self, workflow: Any, input: Any = None, **options: Any) -> RunHandle:
+        """Start a workflow run (sync client); see `start_async`."""
+        return self._sync(self.start_async(workflow, input, **options))
+
+    async def schedule_at_async(self, workflow: Any, input: Any, when: datetime) -> RunHandle:
+        """A durable one-shot schedule: the run (and its id) exists now and starts at `when`."""
+        return await self.start_async(workflow, input, run_at=when)
+
+    def schedule_at(self, workflow: Any, input: Any, when: datetime) -> RunHandle:
+        return self._sync(self.schedule_at_async(workflow, input, when))
 
     def queue(
         self, name: str, *, concurrency: int | None = None, global_limit: int | None = None
@@ -730,3 +793,12 @@ class App:
 
 async def _wrap(aw: Awaitable[T]) -> T:
     return await aw
+
+
+def _check_determinism(fn: Any) -> None:
+    """Reject workflow code that would break replay (see mainspring.workflows.check)."""
+    try:
+        from mainspring.workflows.check import assert_deterministic
+    except ImportError:  # pragma: no cover - the checker ships with the package
+        return
+    assert_deterministic(fn)

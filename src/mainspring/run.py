@@ -151,6 +151,7 @@ class StepCommit:
     children: Sequence[NewRun] = ()
     rate_limit: str | None = None
     weight: int = 1
+    events: Sequence[tuple[int, str, str]] = ()  # journal entries to append: (seq, kind, JSON)
 
 
 @dataclass(slots=True)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from mainspring.app import App, Task
     from mainspring.engine.procpool import ProcessPool
     from mainspring.machines.runner import MachineRunner
+    from mainspring.workflows.runner import WorkflowRunner
 
 log = logging.getLogger("mainspring.worker")
 
@@ -108,6 +109,7 @@ class Worker:
             else sorted(
                 {t.queue for t in app.tasks.values()}
                 | {m.queue for m in app.machines.values()}
+                | {w.queue for w in app.workflows.values()}
                 | set(app.queues)
             )
         )
@@ -144,6 +146,7 @@ class Worker:
         self._notifications: set[asyncio.Future[None]] = set()
         self._known_elsewhere: tuple[float, set[str]] = (0.0, set())
         self._machines: MachineRunner | None = None
+        self._workflows: WorkflowRunner | None = None
         self.claimed_total = 0
         self.completed_total = 0
 
@@ -370,6 +373,8 @@ class Worker:
                 outcome = Outcome(run.id, run.fence, COMPLETED, output=payload.dumps(result))
             elif run.kind == "machine" and run.name in self.app.machines:
                 outcome = await self._step(run)
+            elif run.kind == "workflow" and run.name in self.app.workflows:
+                outcome = await self._workflow_task(run)
             else:
                 outcome = await self._unknown_task(run)
         except asyncio.CancelledError:
@@ -413,6 +418,13 @@ class Worker:
             return await self._machines.execute(run)
         finally:
             _current.reset(token)
+
+    async def _workflow_task(self, run: Claimed) -> Outcome:
+        if self._workflows is None:
+            from mainspring.workflows.runner import WorkflowRunner
+
+            self._workflows = WorkflowRunner(self)
+        return await self._workflows.execute(run)
 
     async def _invoke(self, task: Task[..., Any], run: Claimed) -> Any:
         args = run.input.get("args", ())
@@ -659,7 +671,7 @@ class Worker:
         await self.store.heartbeat_node(
             self.name,
             self.queues,
-            sorted([*self.app.tasks, *self.app.machines]),
+            sorted([*self.app.tasks, *self.app.machines, *self.app.workflows]),
             self.concurrency,
             self.status,
         )

@@ -44,8 +44,9 @@ class StepError(MainspringError):
 class StepLoader:
     """Reads the inbox and children of the steps started in one loop tick with one query."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, events: bool = False) -> None:
         self.store = store
+        self.events = events
         self._pending: dict[str, asyncio.Future[StepData]] = {}
         self._scheduled = False
 
@@ -66,7 +67,7 @@ class StepLoader:
 
     async def _fetch(self, batch: dict[str, asyncio.Future[StepData]]) -> None:
         try:
-            found = await self.store.load_step_data(list(batch))
+            found = await self.store.load_step_data(list(batch), events=self.events)
         except Exception as exc:
             for future in batch.values():
                 if not future.done():

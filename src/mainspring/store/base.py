@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -57,11 +57,22 @@ class ChildRow:
 
 
 @dataclass(frozen=True, slots=True)
+class EventRow:
+    """One entry of a run's journal."""
+
+    seq: int
+    kind: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
 class StepData:
-    """What a claimed step reads besides its row: the unconsumed inbox and the children."""
+    """What a claimed step reads besides its row: the unconsumed inbox and the children
+    (and, for a workflow, its journal)."""
 
     inbox: list[SignalRow]
     children: list[ChildRow]
+    events: list[EventRow] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +235,10 @@ class Store(abc.ABC):
           toward its parent's fan-in: the parent's children_pending drops by
           one and the parent, if waiting, becomes available when it reaches
           zero (exactly once, whichever node commits the last child);
-        - rate-limit buckets named by the run or its children exist afterwards.
+        - rate-limit buckets named by the run or its children exist afterwards;
+        - the StepCommit's `events` are appended to the run's journal.
+        A waiting workflow parent is woken by each child that finishes, not
+        only the last.
         Workers of queues that got available runs are woken.
         """
 
@@ -233,8 +247,11 @@ class Store(abc.ABC):
         return []
 
     @abc.abstractmethod
-    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
-        """The unconsumed inbox and the children of each run, in one round trip."""
+    async def load_step_data(
+        self, run_ids: Sequence[str], *, events: bool = False
+    ) -> dict[str, StepData]:
+        """The unconsumed inbox and the children of each run (with `events`, its journal
+        in seq order), in one round trip."""
 
     # -- signals and rate limits -------------------------------------------------
 

@@ -32,6 +32,7 @@ from mainspring.run import (
 from mainspring.store.base import (
     BucketStatus,
     ChildRow,
+    EventRow,
     QueueDemand,
     QueueStatus,
     RateLimitConfig,
@@ -417,6 +418,10 @@ class PostgresStore(Store):
             [k.version for k in kids],
             [k.concurrency_key for k in kids],
             [k.timeout for k in kids],
+            [o.id for o in outcomes if o.step for _ in o.step.events],
+            [e[0] for o in outcomes if o.step for e in o.step.events],
+            [e[1] for o in outcomes if o.step for e in o.step.events],
+            [e[2] for o in outcomes if o.step for e in o.step.events],
         )
         woken = sorted({r["queue"] for r in rows if r["state"] == AVAILABLE})
         if any(r["state"] == SCHEDULED for r in rows if r["what"] == "child"):
@@ -425,8 +430,11 @@ class PostgresStore(Store):
             await self.notify(",".join(woken))
         return {r["id"] for r in rows if r["what"] == "run"}
 
-    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
-        rows = await self.pool.fetch(Q["load_step_data"], list(run_ids))
+    async def load_step_data(
+        self, run_ids: Sequence[str], *, events: bool = False
+    ) -> dict[str, StepData]:
+        ids = list(run_ids)
+        rows = await self.pool.fetch(Q["load_step_data"], ids)
         loads = payload.loads
         result = {}
         for row in rows:
@@ -436,6 +444,9 @@ class PostgresStore(Store):
             ]
             children = [ChildRow(*c) for c in loads(row["children"])]
             result[row["id"]] = StepData(inbox, children)
+        if events:
+            for e in await self.pool.fetch(Q["load_events"], ids):
+                result[e["run_id"]].events.append(EventRow(e["seq"], e["kind"], loads(e["data"])))
         return result
 
     async def send_signal(

@@ -38,6 +38,7 @@ from mainspring.run import (
 from mainspring.store.base import (
     BucketStatus,
     ChildRow,
+    EventRow,
     QueueDemand,
     QueueStatus,
     RateLimitConfig,
@@ -333,14 +334,19 @@ class SqliteStore(Store):
         await self._wake(wake)
         return committed
 
-    async def load_step_data(self, run_ids: Sequence[str]) -> dict[str, StepData]:
-        def load() -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    async def load_step_data(
+        self, run_ids: Sequence[str], *, events: bool = False
+    ) -> dict[str, StepData]:
+        def load() -> tuple[list[sqlite3.Row], list[sqlite3.Row], list[sqlite3.Row]]:
             params = {"ids": _json(list(run_ids))}
-            return self._fetch("inboxes", params), self._fetch("children", params)
+            journal = self._fetch("load_events", params) if events else []
+            return self._fetch("inboxes", params), self._fetch("children", params), journal
 
-        inboxes, children = await self._call(load)
+        inboxes, children, journal = await self._call(load)
         loads = payload.loads
         result = {run_id: StepData([], []) for run_id in run_ids}
+        for r in journal:
+            result[r["run_id"]].events.append(EventRow(r["seq"], r["kind"], loads(r["data"])))
         for r in inboxes:
             sent_at = datetime.fromtimestamp(r["created_at"], UTC)
             result[r["target_id"]].inbox.append(
@@ -465,6 +471,7 @@ class SqliteStore(Store):
             ids = [r[0] for r in con.execute(Q["delete_terminal"], params).fetchall()]
             if ids:
                 con.execute(Q["delete_signals"], {"ids": _json(ids)})
+                con.execute(Q["delete_events"], {"ids": _json(ids)})
             return len(ids)
 
         return await self._write(delete)
@@ -772,6 +779,9 @@ def _commit_effects(
     ]
     if pairs:
         con.execute(Q["consume_signals"], {"pairs": _json(pairs), "now": now})
+    journal = [[run_id, seq, kind, data] for run_id, step in steps for seq, kind, data in step.events]
+    if journal:
+        con.execute(Q["append_events"], {"events": _json(journal), "now": now})
     wake: set[str] = set()
     children = [child for _, step in steps for child in step.children]
     if children:

@@ -315,8 +315,9 @@ WITH o AS (
     RETURNING id, state, queue, rate_limit
 ), fanin AS (
     UPDATE ms_runs p
-    SET children_pending = p.children_pending - d.n,
-        state = CASE WHEN p.state = 'waiting' AND p.children_pending - d.n <= 0
+    SET children_pending = p.children_pending - d.n, signal_seq = p.signal_seq + 1,
+        state = CASE WHEN p.state = 'waiting'
+                          AND (p.children_pending - d.n <= 0 OR p.kind = 'workflow')
                      THEN 'available' ELSE p.state END,
         updated_at = now()
     FROM (SELECT parent_id, count(*) AS n FROM upd
@@ -330,6 +331,11 @@ WITH o AS (
     FROM (SELECT rate_limit FROM upd UNION ALL SELECT rate_limit FROM kids) x
     WHERE x.rate_limit IS NOT NULL
     ON CONFLICT DO NOTHING
+), journal AS (
+    INSERT INTO ms_events (run_id, seq, kind, data)
+    SELECT e.run_id, e.seq, e.kind, e.data
+    FROM unnest($38::text[], $39::int[], $40::text[], $41::json[]) AS e(run_id, seq, kind, data)
+    WHERE e.run_id IN (SELECT id FROM upd)
 )
 SELECT 'run' AS what, id, state, queue FROM upd
 UNION ALL SELECT 'parent', id, state, queue FROM fanin
@@ -346,6 +352,12 @@ SELECT t.id,
                                  ORDER BY c.id), '[]'::json)
         FROM ms_runs c WHERE c.parent_id = t.id)::text AS children
 FROM unnest($1::text[]) AS t(id)
+
+-- load_events --
+-- The journals of these runs, in seq order.
+SELECT run_id, seq, kind, data::text AS data FROM ms_events
+WHERE run_id = ANY($1::text[])
+ORDER BY run_id, seq
 
 -- send_signal --
 -- Deliver a signal ($2 id, $3 name, $4 payload, $5 dedup key) to run $1, or to
@@ -464,8 +476,9 @@ WITH dead AS (
     FROM upd WHERE s.target_id = upd.id AND upd.state = 'failed' AND s.consumed_at IS NULL
 ), fanin AS (
     UPDATE ms_runs p
-    SET children_pending = p.children_pending - d.n,
-        state = CASE WHEN p.state = 'waiting' AND p.children_pending - d.n <= 0
+    SET children_pending = p.children_pending - d.n, signal_seq = p.signal_seq + 1,
+        state = CASE WHEN p.state = 'waiting'
+                          AND (p.children_pending - d.n <= 0 OR p.kind = 'workflow')
                      THEN 'available' ELSE p.state END,
         updated_at = now()
     FROM (SELECT parent_id, count(*) AS n FROM upd
@@ -536,8 +549,9 @@ WITH RECURSIVE tree AS (
     FROM upd WHERE s.target_id = upd.id AND s.consumed_at IS NULL
 ), fanin AS (
     UPDATE ms_runs p
-    SET children_pending = p.children_pending - 1,
-        state = CASE WHEN p.state = 'waiting' AND p.children_pending - 1 <= 0
+    SET children_pending = p.children_pending - 1, signal_seq = p.signal_seq + 1,
+        state = CASE WHEN p.state = 'waiting'
+                          AND (p.children_pending - 1 <= 0 OR p.kind = 'workflow')
                      THEN 'available' ELSE p.state END,
         updated_at = now()
     FROM upd

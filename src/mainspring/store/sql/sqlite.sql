@@ -186,8 +186,9 @@ WHERE target_id IN (SELECT value FROM json_each(:ids)) AND consumed_at IS NULL
 -- parent ids, one per finished child): a waiting parent whose last child
 -- finished becomes available. Returns the parents' new state and queue.
 UPDATE ms_runs
-SET children_pending = ms_runs.children_pending - d.n,
-    state = CASE WHEN ms_runs.state = 'waiting' AND ms_runs.children_pending - d.n <= 0
+SET children_pending = ms_runs.children_pending - d.n, signal_seq = ms_runs.signal_seq + 1,
+    state = CASE WHEN ms_runs.state = 'waiting'
+                      AND (ms_runs.children_pending - d.n <= 0 OR ms_runs.kind = 'workflow')
                  THEN 'available' ELSE ms_runs.state END,
     updated_at = :now
 FROM (SELECT value AS parent_id, count(*) AS n FROM json_each(:parents) GROUP BY value) AS d
@@ -303,6 +304,23 @@ WHERE id IN (SELECT r.id FROM ms_runs r
                        AND p.state NOT IN ('completed', 'failed', 'cancelled')))
              ORDER BY r.finished_at LIMIT :limit)
 RETURNING id
+
+-- load_events --
+-- The journals of these runs (a JSON array of ids), in seq order.
+SELECT run_id, seq, kind, data FROM ms_events
+WHERE run_id IN (SELECT value FROM json_each(:ids))
+ORDER BY run_id, seq
+
+-- append_events --
+-- Append journal entries (a JSON array of [run_id, seq, kind, data-as-JSON-text]).
+INSERT INTO ms_events (run_id, seq, kind, data, created_at)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), :now
+FROM json_each(:events)
+
+-- delete_events --
+-- Delete the journals of these runs (a JSON array of ids); foreign keys are off.
+DELETE FROM ms_events WHERE run_id IN (SELECT value FROM json_each(:ids))
 
 -- delete_signals --
 -- Delete the signals of these runs (a JSON array of ids); foreign keys are off.

@@ -1,0 +1,180 @@
+"""Workflows: deterministic async functions whose every effect is journaled and replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from mainspring import payload
+from mainspring.errors import ConfigError
+from mainspring.ids import uuid7
+from mainspring.run import AVAILABLE, SCHEDULED, NewRun
+from mainspring.workflows.replay import ContinueAsNew, Replayer
+
+if TYPE_CHECKING:
+    from mainspring.app import App, Task
+
+KIND = "workflow"
+WorkflowFn = Callable[["Workflow", Any], Coroutine[Any, Any, Any]]
+
+
+class Workflow:
+    """What workflow code sees: every effect goes through here and is journaled.
+
+    Activities, timers, signals, child workflows, time, randomness and ids
+    are all recorded, so replaying the code against the journal takes the
+    same path without running any effect twice.
+    """
+
+    def __init__(self, replayer: Replayer, run_id: str, name: str, attempt: int) -> None:
+        self._r = replayer
+        self.run_id = run_id
+        self.name = name
+        self.attempt = attempt
+
+    @property
+    def replaying(self) -> bool:
+        """True while the code catches up with its journal (effects are not re-run)."""
+        return self._r.replaying
+
+    async def activity(
+        self,
+        task: Task[..., Any],
+        *args: Any,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run a task (at least once, with its own retries) and return its result.
+
+        Raises ms.ActivityError when it fails for good. The result is journaled:
+        replay never calls the task again.
+        """
+        options = {k: v for k, v in (("max_attempts", max_attempts), ("timeout", timeout),
+                                     ("queue", queue), ("priority", priority)) if v is not None}  # fmt: skip
+        return await self._r.activity(task, args, kwargs, options)
+
+    async def child(self, workflow: Any, input: Any = None, *, queue: str | None = None) -> Any:
+        """Run a child workflow and return its result (ms.ActivityError when it fails)."""
+        definition = _definition_of(self._r.app, workflow)
+        return await self._r.child(definition, input, {"queue": queue} if queue else {})
+
+    async def sleep(self, seconds: float) -> None:
+        """A durable timer: the run sleeps in the database, not in a process."""
+        if seconds < 0:
+            raise ValueError(f"sleep needs seconds >= 0, got {seconds}")
+        await self._r.timer(seconds)
+
+    async def wait_signal(self, name: str, timeout: float | None = None) -> Any:
+        """The payload of the next signal `name` (oldest first), or None after `timeout` s."""
+        return await self._r.wait_signal(name, timeout)
+
+    def now(self) -> datetime:
+        """The current time, recorded: replay returns the same moment."""
+        value = self._r.value("now", lambda: datetime.now(UTC).timestamp())
+        return datetime.fromtimestamp(value, UTC)
+
+    def random(self) -> float:
+        """A random float in [0, 1), recorded."""
+        return float(self._r.value("random", random.random))
+
+    def uuid4(self) -> uuid.UUID:
+        """A random UUID, recorded."""
+        return uuid.UUID(self._r.value("uuid4", lambda: str(uuid.uuid4())))
+
+    def side_effect(self, fn: Callable[[], Any]) -> Any:
+        """Call fn once and record its (JSON) result; replay returns the recorded value."""
+        return self._r.value("side_effect", lambda: payload.loads(payload.dumps(fn())))
+
+    def patched(self, patch: str) -> bool:
+        """True for runs that reach this point with the patch deployed; False when replaying
+        history recorded before it. Guard the new code path with it."""
+        return self._r.patched(patch)
+
+    def log(self, message: str) -> None:
+        """Journal a message; it is printed once, at the live tail, never again on replay."""
+        self._r.log(message)
+
+    def continue_as_new(self, input: Any) -> NoReturn:
+        """End this run and start a fresh one of the same workflow with `input` (bounded journals)."""
+        raise ContinueAsNew(input)
+
+
+@dataclass(slots=True)
+class WorkflowDef:
+    """A registered workflow function and its options."""
+
+    app: App
+    fn: WorkflowFn
+    name: str
+    queue: str
+    version: str
+
+    def new_run(
+        self,
+        input: Any,
+        now: datetime,
+        *,
+        id: str | None = None,
+        queue: str | None = None,
+        namespace: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+        run_at: datetime | None = None,
+        correlation_key: str | None = None,
+    ) -> NewRun:
+        later = run_at is not None and run_at > now
+        if run_at is not None and run_at.tzinfo is None:
+            raise ConfigError("run_at must be timezone-aware (for example datetime.now(UTC))")
+        return NewRun(
+            id=id or uuid7(),
+            kind=KIND,
+            name=self.name,
+            namespace=namespace or "default",
+            queue=queue or self.queue,
+            input=payload.dumps({"input": input, "version": self.version}),
+            state=SCHEDULED if later else AVAILABLE,
+            run_at=run_at if later and run_at else now,
+            max_attempts=1_000_000,  # a workflow task is retried until it succeeds
+            correlation_key=correlation_key,
+            attributes=payload.dumps(attributes) if attributes else "{}",
+            parent_id=parent_id,
+        )
+
+
+def _definition_of(app: App, workflow: Any) -> WorkflowDef:
+    name = workflow if isinstance(workflow, str) else getattr(workflow, "workflow_name", None)
+    definition = app.workflows.get(name) if isinstance(name, str) else None
+    if definition is None:
+        raise ConfigError(f"{workflow!r} is not a registered workflow (decorate it with @app.workflow)")
+    return definition
+
+
+def run_task(
+    replayer: Replayer, definition: WorkflowDef, ctx: Workflow, input: Any
+) -> Callable[[], Coroutine[Any, Any, Any]]:
+    """The coroutine factory a Replayer runs: the workflow function with its context."""
+
+    async def main() -> Any:
+        return await definition.fn(ctx, input)
+
+    return main
+
+
+def fingerprint(fn: Callable[..., Any]) -> str:
+    """The workflow's code version: a hash of its source (or of its name when there is none)."""
+    import hashlib
+    import inspect
+
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        source = f"{fn.__module__}.{fn.__qualname__}"
+    return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
