@@ -30,8 +30,10 @@ from mainspring.machines import (
 from mainspring.ratelimits import RateLimitStatus
 from mainspring.run import Run
 from mainspring.signals import Signal, SignalResult, Signals
+from mainspring.workflows import ActivityError, NondeterminismError, Workflow
 
 __all__ = [
+    "ActivityError",
     "App",
     "Await",
     "BackendUnavailable",
@@ -47,6 +49,7 @@ __all__ = [
     "Machine",
     "MainspringError",
     "Next",
+    "NondeterminismError",
     "Outcome",
     "QueueConfig",
     "RateLimitStatus",
@@ -64,6 +67,7 @@ __all__ = [
     "Stop",
     "Task",
     "TaskTimeout",
+    "Workflow",
     "current_run",
 ]
 __version__ = "0.1.0"

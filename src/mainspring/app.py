@@ -485,7 +485,9 @@ class App:
                 raise ConfigError(f"@app.workflow needs an async function, got {func!r}")
             workflow_name = name or f"{func.__module__}.{func.__qualname__}"
             if workflow_name in self.workflows or workflow_name in self.tasks:
-                raise ConfigError(f"a task or workflow named {workflow_name!r} is already registered")
+                raise ConfigError(
+                    f"a task or workflow named {workflow_name!r} is already registered"
+                )
             _check_determinism(func)
             definition = WorkflowDef(self, func, workflow_name, queue, fingerprint(func))
             self.workflows[workflow_name] = definition

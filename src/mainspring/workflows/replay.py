@@ -104,6 +104,7 @@ class Replayer:
         self.pending: dict[int, Command] = {}
         self.result = TaskResult()
         self.replaying = True
+        self.divergence: NondeterminismError | None = None
 
     # -- recording ------------------------------------------------------------------
 
@@ -111,18 +112,21 @@ class Replayer:
         self.last_seq += 1
         self.result.events.append((self.last_seq, kind, payload.dumps(data)))
 
-    def _issue(self, kind: str, data: dict[str, Any], key: str | None = None) -> tuple[int, EventRow | None]:
+    def _issue(
+        self, kind: str, data: dict[str, Any], key: str | None = None
+    ) -> tuple[int, EventRow | None]:
         """Number a command; compare it with the journal when replaying, record it when live."""
         cmd = self.next_cmd
         self.next_cmd += 1
         recorded = self.recorded.get(cmd)
         if recorded is not None:
             if recorded.kind != kind or (key is not None and recorded.data.get("key") != key):
-                raise NondeterminismError(
+                self.divergence = NondeterminismError(
                     f"workflow {self.definition.name} run {self.run_id}: command {cmd} was "
                     f"{recorded.kind} {recorded.data.get('key')!r} in the journal, but the code "
                     f"now issues {kind} {key!r}"
                 )
+                raise self.divergence
             return cmd, recorded
         self._event(kind, {"cmd": cmd, "key": key, **data})
         return cmd, None
@@ -140,14 +144,20 @@ class Replayer:
         if recorded is not None:
             child = recorded.data["child"]
         else:
-            call = task.options(**options).call(*args, **kwargs) if options else task.call(*args, **kwargs)
+            call = (
+                task.options(**options).call(*args, **kwargs)
+                if options
+                else task.call(*args, **kwargs)
+            )
             run = dataclasses.replace(call.to_new_run(self.now), parent_id=self.run_id)
             self.result.children.append(run)
             child = run.id
             self.result.events[-1] = _with(self.result.events[-1], child=child)
         return self._future(cmd, h.ACTIVITY, {"child": child, "name": task.name})
 
-    def child(self, definition: WorkflowDef, input: Any, options: dict[str, Any]) -> asyncio.Future[Any]:
+    def child(
+        self, definition: WorkflowDef, input: Any, options: dict[str, Any]
+    ) -> asyncio.Future[Any]:
         cmd, recorded = self._issue(h.CHILD, {}, key=definition.name)
         if recorded is not None:
             child = recorded.data["child"]
@@ -195,13 +205,19 @@ class Replayer:
 
     # -- running ----------------------------------------------------------------------
 
+    def _run_ready(self) -> None:
+        """Run the workflow code until it blocks; a divergence from the journal stops the task."""
+        self.loop.run_ready()
+        if self.divergence is not None:
+            raise self.divergence
+
     def run(self, main: Callable[[], Coroutine[Any, Any, Any]]) -> TaskResult:
         task = self.loop.create_task(main())
-        self.loop.run_ready()
+        self._run_ready()
         for event in self.resolutions:
             self._check_issued(event)
             self._resolve(event.data["cmd"], event.kind, event.data)
-            self.loop.run_ready()
+            self._run_ready()
             if task.done():
                 break
         if self.next_cmd < len(self.recorded) and not task.done():
@@ -213,7 +229,7 @@ class Replayer:
             )
         self.replaying = False
         while not task.done() and self._resolve_live():
-            self.loop.run_ready()
+            self._run_ready()
         self._finish(task)
         return self.result
 
@@ -267,7 +283,10 @@ class Replayer:
             done = h.ACTIVITY_DONE if command.kind == h.ACTIVITY else h.CHILD_DONE
             if child.state == "completed":
                 return done, {"ok": True, "value": child.output}
-            error = child.error or {"type": "Cancelled", "message": f"{child.name} was {child.state}"}
+            error = child.error or {
+                "type": "Cancelled",
+                "message": f"{child.name} was {child.state}",
+            }
             return done, {"ok": False, "error": error}
         if command.kind == h.TIMER:
             return (h.TIMER_FIRED, {}) if command.data["fire_at"] <= now else None
@@ -289,7 +308,10 @@ class Replayer:
         if task.done():
             result.done = True
             if task.cancelled():
-                result.ok, result.error = False, {"type": "Cancelled", "message": "workflow cancelled"}
+                result.ok, result.error = (
+                    False,
+                    {"type": "Cancelled", "message": "workflow cancelled"},
+                )
                 return
             exc = task.exception()
             if isinstance(exc, ContinueAsNew):

@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from mainspring import payload
 from mainspring.machines.runner import StepLoader
-from mainspring.run import AVAILABLE, COMPLETED, FAILED, SCHEDULED, WAITING, Claimed, Outcome, StepCommit
+from mainspring.run import (
+    AVAILABLE,
+    COMPLETED,
+    FAILED,
+    SCHEDULED,
+    WAITING,
+    Claimed,
+    Outcome,
+    StepCommit,
+)
 from mainspring.workflows import history as h
 from mainspring.workflows.replay import NondeterminismError, Replayer, TaskResult
 from mainspring.workflows.workflow import Workflow, WorkflowDef, run_task
@@ -77,7 +86,9 @@ class WorkflowRunner:
         journal = [*data.events, *(EventRow(s, k, payload.loads(d)) for s, k, d in result.events)]
         consumed = set(result.consume)
         inbox = [s for s in data.inbox if s.id not in consumed]
-        again = self._task(definition, run, StepData(inbox, data.children, journal), datetime.now(UTC))
+        again = self._task(
+            definition, run, StepData(inbox, data.children, journal), datetime.now(UTC)
+        )
         if again.events or again.children:
             raise NondeterminismError(
                 f"paranoid replay of {definition.name} run {run.id} issued new commands: "

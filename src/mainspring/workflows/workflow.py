@@ -153,7 +153,9 @@ def _definition_of(app: App, workflow: Any) -> WorkflowDef:
     name = workflow if isinstance(workflow, str) else getattr(workflow, "workflow_name", None)
     definition = app.workflows.get(name) if isinstance(name, str) else None
     if definition is None:
-        raise ConfigError(f"{workflow!r} is not a registered workflow (decorate it with @app.workflow)")
+        raise ConfigError(
+            f"{workflow!r} is not a registered workflow (decorate it with @app.workflow)"
+        )
     return definition
 
 

@@ -1,0 +1,238 @@
+"""Replay workflows on both backends, with paranoid replay checking every workflow task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+import mainspring as ms
+from helpers import aio, eventually, running
+
+
+@pytest.fixture(autouse=True)
+def paranoid(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """After every workflow task, replay the run from scratch and demand the same commands."""
+    monkeypatch.setenv("MAINSPRING_PARANOID", "1")
+    yield
+
+
+@aio
+async def test_activities_timers_signals_and_children(app: ms.App) -> None:
+    calls: list[str] = []
+
+    @app.task(name="fetch")
+    async def fetch(invoice: int) -> dict[str, Any]:
+        calls.append(f"fetch {invoice}")
+        return {"id": invoice, "cards": [1, 2, 3]}
+
+    @app.task(name="charge_card")
+    def charge_card(card: int) -> str:  # a sync task: runs in the thread pool
+        calls.append(f"charge {card}")
+        return f"receipt-{card}"
+
+    @app.workflow(name="receipt")
+    async def receipt(wf: ms.Workflow, input: dict[str, Any]) -> str:
+        return f"sent {input['id']}"
+
+    @app.workflow(name="billing.charge")
+    async def charge(wf: ms.Workflow, input: dict[str, Any]) -> dict[str, Any]:
+        invoice = await wf.activity(fetch, input["id"], max_attempts=5, timeout=30)
+        await wf.sleep(0.2)
+        approval = await wf.wait_signal("approved", timeout=30)
+        receipts = await asyncio.gather(*(wf.activity(charge_card, c) for c in invoice["cards"]))
+        sent = await wf.child(receipt, {"id": input["id"]})
+        return {"receipts": receipts, "approval": approval, "sent": sent}
+
+    handle = await app.start_async(charge, {"id": 7})
+    async with running(app, concurrency=10):
+
+        async def waiting_for_approval() -> bool:
+            run = await handle.get_async()
+            return run.state == "waiting" and run.awaits == ["approved"]
+
+        await eventually(waiting_for_approval)
+        assert (
+            await app.signal_async(handle.id, "approved", {"by": "ops"})
+            is ms.SignalResult.DELIVERED
+        )
+        result = await handle.result_async(timeout=20)
+    assert result == {
+        "receipts": ["receipt-1", "receipt-2", "receipt-3"],
+        "approval": {"by": "ops"},
+        "sent": "sent 7",
+    }
+    # Every workflow task replayed the journal; no activity ran twice.
+    assert sorted(calls) == ["charge 1", "charge 2", "charge 3", "fetch 7"]
+
+
+@aio
+async def test_signal_before_the_wait_and_timeouts(app: ms.App) -> None:
+    @app.workflow(name="waits")
+    async def waits(wf: ms.Workflow, input: None) -> list[Any]:
+        first = await wf.wait_signal("early", timeout=30)
+        missing = await wf.wait_signal("never", timeout=0.2)
+        return [first, missing]
+
+    handle = await app.start_async(waits)
+    assert await app.signal_async(handle.id, "early", 1, dedup_key="d") is ms.SignalResult.DELIVERED
+    assert await app.signal_async(handle.id, "early", 2, dedup_key="d") is ms.SignalResult.DUPLICATE
+    async with running(app, concurrency=4):
+        assert await handle.result_async(timeout=10) == [1, None]
+
+
+@aio
+async def test_recorded_values_and_patches_survive_replay(app: ms.App) -> None:
+    seen: list[Any] = []
+
+    @app.task(name="noop")
+    async def noop() -> None: ...
+
+    @app.workflow(name="values")
+    async def values(wf: ms.Workflow, input: None) -> dict[str, Any]:
+        now, number, ident = wf.now(), wf.random(), str(wf.uuid4())
+        once = wf.side_effect(lambda: {"token": "abc"})
+        seen.append((now, number, ident, once))
+        await wf.activity(noop)  # a second workflow task replays everything above
+        return {"now": now.isoformat(), "random": number, "uuid": ident, "once": once,
+                "patched": wf.patched("v2")}  # fmt: skip
+
+    handle = await app.start_async(values)
+    async with running(app, concurrency=4):
+        result = await handle.result_async(timeout=10)
+    assert len(seen) >= 2 and all(s == seen[0] for s in seen)  # replay returned the same values
+    assert result["once"] == {"token": "abc"} and result["patched"] is True
+    assert result["now"] == seen[0][0].isoformat()
+
+
+@aio
+async def test_a_patch_is_false_for_history_recorded_before_it(app: ms.App) -> None:
+    deployed = {"patch": False}
+
+    @app.task(name="step")
+    async def step(label: str) -> str:
+        return label
+
+    @app.workflow(name="patchy")
+    async def patchy(wf: ms.Workflow, input: None) -> list[str]:
+        first = await wf.activity(step, "first")
+        if deployed["patch"] and wf.patched("extra-step"):
+            return [first, await wf.activity(step, "new code")]
+        got = await wf.wait_signal("go")
+        return [first, got]
+
+    old = await app.start_async(patchy)
+    async with running(app, concurrency=4):
+
+        async def parked() -> bool:
+            return (await old.get_async()).awaits == ["go"]
+
+        await eventually(parked)
+    deployed["patch"] = True  # "deploy" the patched code: the old run keeps its path
+    new = await app.start_async(patchy)
+    await app.signal_async(old.id, "go", "old path")
+    async with running(app, concurrency=4):
+        assert await old.result_async(timeout=10) == ["first", "old path"]
+        assert await new.result_async(timeout=10) == ["first", "new code"]
+
+
+@aio
+async def test_nondeterminism_keeps_the_run_recoverable(app: ms.App) -> None:
+    code = {"version": 1}
+
+    @app.task(name="a")
+    async def a() -> str:
+        return "a"
+
+    @app.task(name="b")
+    async def b() -> str:
+        return "b"
+
+    @app.workflow(name="drifting")
+    async def drifting(wf: ms.Workflow, input: None) -> str:
+        first = await wf.activity(a if code["version"] == 1 else b)
+        await wf.wait_signal("go")
+        return first
+
+    handle = await app.start_async(drifting)
+    async with running(app, concurrency=4):
+
+        async def parked() -> bool:
+            return (await handle.get_async()).awaits == ["go"]
+
+        await eventually(parked)
+        code["version"] = 2  # a bad deploy changes the command history
+        await app.signal_async(handle.id, "go")
+
+        async def refused() -> bool:
+            run = await handle.get_async()
+            return (
+                run.state == "scheduled" and (run.error or {}).get("type") == "NondeterminismError"
+            )
+
+        await eventually(refused)
+    run = await handle.get_async()
+    assert "activity_scheduled 'a'" in run.error["message"] and run.state != "failed"
+    code["version"] = 1  # the fix is deployed: the run continues
+    async with running(app, concurrency=4):
+        store = await app.store()
+        await store.execute_script(
+            f"UPDATE ms_runs SET run_at = created_at WHERE id = '{handle.id}'"
+        )  # no need to wait out the retry delay
+        assert await handle.result_async(timeout=15) == "a"
+
+
+@aio
+async def test_failures_continue_as_new_and_idempotent_start(app: ms.App) -> None:
+    @app.task(name="explode", max_attempts=2, backoff=ms.Backoff.constant(0.01))
+    async def explode() -> None:
+        raise RuntimeError("boom")
+
+    @app.workflow(name="careful")
+    async def careful(wf: ms.Workflow, input: None) -> str:
+        try:
+            await wf.activity(explode)
+        except ms.ActivityError as exc:
+            return f"handled: {exc.error['message']}"
+        return "unreachable"
+
+    @app.workflow(name="broken")
+    async def broken(wf: ms.Workflow, input: None) -> None:
+        raise ValueError("bad input")
+
+    @app.workflow(name="counter")
+    async def counter(wf: ms.Workflow, n: int) -> int:
+        if n < 3:
+            wf.continue_as_new(n + 1)
+        return n
+
+    handled = await app.start_async(careful, id="careful-1")
+    again = await app.start_async(careful, id="careful-1")
+    assert again.id == handled.id and not again.created
+    failing = await app.start_async(broken)
+    chain = await app.start_async(counter, 0)
+    later = await app.schedule_at_async(counter, 3, datetime.now(UTC) + timedelta(seconds=0.3))
+    assert (await later.get_async()).state == "scheduled"
+    async with running(app, concurrency=8):
+        assert await handled.result_async(timeout=10) == "handled: boom"
+        with pytest.raises(ms.RunFailed, match="bad input"):
+            await failing.result_async(timeout=10)
+        link = await chain.result_async(timeout=10)
+        hops = 0
+        while isinstance(link, dict) and "continued_as_new" in link:
+            link = await app.result_async(link["continued_as_new"], timeout=10)
+            hops += 1
+        assert (link, hops) == (3, 3)
+        assert await later.result_async(timeout=10) == 3
+
+
+def test_workflows_must_be_async() -> None:
+    app = ms.App("sqlite:///:memory:")
+
+    def not_async(wf: ms.Workflow, input: None) -> None: ...
+
+    with pytest.raises(ms.ConfigError, match="async function"):
+        app.workflow(not_async)
