@@ -35,7 +35,6 @@ from mainspring.telemetry import Telemetry
 if TYPE_CHECKING:
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.workflows.workflow import WorkflowDef
-    from mainspring.workflows.workflow import WorkflowDef
 
 P = ParamSpec("P")
 R = TypeVar("R")

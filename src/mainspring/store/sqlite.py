@@ -779,7 +779,9 @@ def _commit_effects(
     ]
     if pairs:
         con.execute(Q["consume_signals"], {"pairs": _json(pairs), "now": now})
-    journal = [[run_id, seq, kind, data] for run_id, step in steps for seq, kind, data in step.events]
+    journal = [
+        [run_id, seq, kind, data] for run_id, step in steps for seq, kind, data in step.events
+    ]
     if journal:
         con.execute(Q["append_events"], {"events": _json(journal), "now": now})
     wake: set[str] = set()

@@ -246,7 +246,8 @@ def check_workflow(fn: Callable[..., Any]) -> list[Finding]:
     definition = _definition_of(fn, module)
     if definition is None:
         return []
-    checker = _Checker(_Names(fn, module, definition), inspect.getsourcefile(fn) or "", lines)
+    names = _Names(fn, module, definition)
+    checker = _Checker(names, inspect.getsourcefile(fn) or "", lines, definition)
     for statement in definition.body:
         checker.visit(statement)
     return sorted(checker.findings, key=lambda finding: finding.line)
@@ -430,12 +431,21 @@ def _closure(fn: Callable[..., Any]) -> dict[str, object]:
 
 
 class _Checker(ast.NodeVisitor):
-    def __init__(self, names: _Names, file: str, lines: list[str]) -> None:
+    """Collects the findings in a workflow's body; `visit` each statement of it."""
+
+    def __init__(self, names: _Names, file: str, lines: list[str], definition: _Function) -> None:
         self.names = names
         self.file = file
         self.lines = lines
         self.findings: list[Finding] = []
-        self.recorded: set[str] = set()  # nested functions handed to wf.side_effect by name
+        # Nested functions handed to wf.side_effect by name run once and are recorded.
+        self.recorded = {
+            argument.id
+            for call in ast.walk(definition)
+            if isinstance(call, ast.Call) and _records(call)
+            for argument in _arguments(call)
+            if isinstance(argument, ast.Name)
+        }
 
     def visit_Call(self, node: ast.Call) -> None:
         parts = _dotted(node.func)
@@ -443,12 +453,9 @@ class _Checker(ast.NodeVisitor):
             self.visit(node.func)
         else:
             self._check(node, parts, call=True)
-        arguments = [*node.args, *(keyword.value for keyword in node.keywords)]
-        if parts is not None and parts[-1] == "side_effect":
-            self.recorded.update(arg.id for arg in arguments if isinstance(arg, ast.Name))
-            return
-        for argument in arguments:
-            self.visit(argument)
+        if not _records(node):
+            for argument in _arguments(node):
+                self.visit(argument)
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         parts = _dotted(node)
@@ -462,27 +469,12 @@ class _Checker(ast.NodeVisitor):
             self._check(node, [node.id], call=False)
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        self._visit_nested(node)
-
-    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
-        self._visit_nested(node)
-
-    def _visit_nested(self, node: _Function) -> None:
-        if node.name not in self.recorded and node.name not in self._recorded_later(node):
+        if node.name not in self.recorded:
             self.generic_visit(node)
 
-    def _recorded_later(self, node: _Function) -> set[str]:
-        # `def draw(): ...` usually comes before the `wf.side_effect(draw)` that records it.
-        return {
-            arg.id
-            for call in ast.walk(ast.Module(body=self._siblings_after(node), type_ignores=[]))
-            if isinstance(call, ast.Call) and (_dotted(call.func) or [""])[-1] == "side_effect"
-            for arg in [*call.args, *(keyword.value for keyword in call.keywords)]
-            if isinstance(arg, ast.Name)
-        }
-
-    def _siblings_after(self, node: _Function) -> list[ast.stmt]:
-        return [stmt for stmt in self._body if stmt.lineno > node.lineno]
+    def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
+        if node.name not in self.recorded:
+            self.generic_visit(node)
 
     def _check(self, node: ast.expr, parts: list[str], *, call: bool) -> None:
         root = self.names.resolve(parts[0])
@@ -500,6 +492,15 @@ class _Checker(ast.NodeVisitor):
             shown += f" ({resolved})"
         reason = f"{rule.reason}; {rule.hint}"
         self.findings.append(Finding(self.file, node.lineno, shown, reason))
+
+
+def _records(call: ast.Call) -> bool:
+    """Whether the call is `<something>.side_effect(...)`, whose arguments run once, recorded."""
+    return isinstance(call.func, ast.Attribute) and call.func.attr == "side_effect"
+
+
+def _arguments(call: ast.Call) -> list[ast.expr]:
+    return [*call.args, *(keyword.value for keyword in call.keywords)]
 
 
 def _dotted(node: ast.expr) -> list[str] | None:

@@ -42,7 +42,7 @@ class ActivityError(MainspringError):
         )
 
 
-class ContinueAsNew(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class ContinueAsNew(BaseException):
     """Raised by wf.continue_as_new(): end this run and start a fresh one with `input`."""
 
     def __init__(self, input: Any) -> None:
@@ -182,7 +182,7 @@ class Replayer:
         return self._future(cmd, h.WAIT_SIGNAL, {"name": name, "deadline": deadline})
 
     def value(self, what: str, make: Callable[[], Any]) -> Any:
-        cmd, recorded = self._issue(h.VALUE, {}, key=what)
+        _cmd, recorded = self._issue(h.VALUE, {}, key=what)
         if recorded is not None:
             return recorded.data["value"]
         value = make()

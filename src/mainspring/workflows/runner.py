@@ -80,7 +80,7 @@ class WorkflowRunner:
     def _check_replay(
         self, definition: WorkflowDef, run: Claimed, data: StepData, result: TaskResult
     ) -> None:
-        """MAINSPRING_PARANOID: replay the whole journal as it will be, and demand the same commands."""
+        """MAINSPRING_PARANOID: replay the journal as it will be; demand no new command."""
         from mainspring.store.base import EventRow, StepData
 
         journal = [*data.events, *(EventRow(s, k, payload.loads(d)) for s, k, d in result.events)]

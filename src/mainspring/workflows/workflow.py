@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mainspring import payload
@@ -57,8 +56,9 @@ class Workflow:
         Raises ms.ActivityError when it fails for good. The result is journaled:
         replay never calls the task again.
         """
-        options = {k: v for k, v in (("max_attempts", max_attempts), ("timeout", timeout),
-                                     ("queue", queue), ("priority", priority)) if v is not None}  # fmt: skip
+        given = {"max_attempts": max_attempts, "timeout": timeout, "queue": queue,
+                 "priority": priority}  # fmt: skip
+        options = {k: v for k, v in given.items() if v is not None}
         return await self._r.activity(task, args, kwargs, options)
 
     async def child(self, workflow: Any, input: Any = None, *, queue: str | None = None) -> Any:
@@ -103,7 +103,7 @@ class Workflow:
         self._r.log(message)
 
     def continue_as_new(self, input: Any) -> NoReturn:
-        """End this run and start a fresh one of the same workflow with `input` (bounded journals)."""
+        """End this run and start a fresh one of this workflow with `input` (bounded journals)."""
         raise ContinueAsNew(input)
 
 
