@@ -12,6 +12,7 @@ from mainspring.errors import (
     MainspringError,
     RunFailed,
     RunNotFound,
+    SignalRejected,
     TaskTimeout,
 )
 from mainspring.machines import (
@@ -60,6 +61,7 @@ __all__ = [
     "RunHandle",
     "RunNotFound",
     "Signal",
+    "SignalRejected",
     "SignalResult",
     "Signals",
     "Spawn",

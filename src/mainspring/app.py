@@ -470,7 +470,13 @@ class App:
         return register
 
     def workflow(
-        self, fn: Any = None, /, *, name: str | None = None, queue: str = "default"
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        signals: dict[str, Any] | None = None,
     ) -> Any:
         """Register a workflow: `async def flow(wf: ms.Workflow, input) -> result`.
 
@@ -488,7 +494,7 @@ class App:
                     f"a task or workflow named {workflow_name!r} is already registered"
                 )
             _check_determinism(func)
-            definition = WorkflowDef(self, func, workflow_name, queue, fingerprint(func))
+            definition = WorkflowDef(self, func, workflow_name, queue, fingerprint(func), signals)
             self.workflows[workflow_name] = definition
             func.workflow_name = workflow_name
             return func
@@ -644,16 +650,23 @@ class App:
         *,
         correlation_key: str | None = None,
         dedup_key: str | None = None,
+        delivery_id: str | None = None,
     ) -> SignalResult:
         """Put a signal in a run's durable inbox, by run id or by the live run's correlation key.
 
-        A second signal with the same (run, dedup_key) is a no-op (DUPLICATE); a
-        finished run answers TERMINAL, an unknown one NOT_FOUND.
+        A second signal with the same (run, dedup_key) is a no-op (DUPLICATE);
+        `delivery_id` is the same key under the name webhook senders use. A
+        finished run answers TERMINAL, an unknown one NOT_FOUND. A workflow
+        declaring `signals=` refuses other names and invalid payloads
+        (ms.SignalRejected), writing nothing.
         """
         if (run_id is None) == (correlation_key is None):
             raise ConfigError("signal a run by run_id or by correlation_key (exactly one)")
         if not name or not isinstance(name, str):
             raise ConfigError(f"a signal needs a name (a non-empty string), got {name!r}")
+        dedup_key = dedup_key if dedup_key is not None else delivery_id
+        if run_id is not None and any(w.signals is not None for w in self.workflows.values()):
+            await self._check_signal_contract(run_id, name, payload)
         try:
             data = _payload.dumps(payload)
         except EncodeError as exc:
@@ -674,13 +687,23 @@ class App:
         *,
         correlation_key: str | None = None,
         dedup_key: str | None = None,
+        delivery_id: str | None = None,
     ) -> SignalResult:
         """Send a signal (sync client); see `signal_async`."""
         return self._sync(
             self.signal_async(
-                run_id, name, payload, correlation_key=correlation_key, dedup_key=dedup_key
+                run_id, name, payload, correlation_key=correlation_key, dedup_key=dedup_key,
+                delivery_id=delivery_id,
             )
-        )
+        )  # fmt: skip
+
+    async def _check_signal_contract(self, run_id: str, name: str, payload: Any) -> None:
+        run = await (await self.store()).get_run(run_id)
+        if run is None or run.kind != "workflow" or run.name not in self.workflows:
+            return
+        from mainspring.workflows.workflow import check_signal
+
+        check_signal(self.workflows[run.name], name, payload)
 
     async def get_run_async(self, run_id: str) -> Run:
         run = await (await self.store()).get_run(run_id)
@@ -709,8 +732,19 @@ class App:
         return self._sync(self.list_runs_async(**filters))
 
     async def cancel_async(self, run_id: str) -> Run:
-        """Cancel a run that is not finished; a running handler is cancelled on its node."""
-        run = await (await self.store()).cancel_run(run_id)
+        """Cancel a run that is not finished; a running handler is cancelled on its node.
+
+        A workflow is asked instead: asyncio.CancelledError reaches its code at
+        its current await, so it can clean up (with activities) before it ends.
+        """
+        store = await self.store()
+        current = await store.get_run(run_id)
+        if current is not None and current.kind == "workflow" and not current.terminal:
+            from mainspring.workflows.history import CANCEL_SIGNAL
+
+            await store.send_signal(run_id, None, uuid7(), CANCEL_SIGNAL, "null", "cancel")
+            return current
+        run = await store.cancel_run(run_id)
         if run is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         return run

@@ -152,8 +152,9 @@ def _waits_on(run: Run) -> str:
         return f"rate limit {run.rate_limit} ({run.weight} token{'s' if run.weight > 1 else ''})"
     if run.state == "available" and run.concurrency_key:
         return f"concurrency key {run.concurrency_key}"
-    if run.state == "waiting" and run.awaits is not None:
-        return "signal " + " | ".join(run.awaits)
+    if run.state == "waiting" and run.awaits:
+        names = [n for n in run.awaits if not n.startswith("__")]  # not the internal cancel
+        return "signal " + " | ".join(names) if names else "its children or a timer"
     if run.state == "waiting" and run.children_pending:
         return f"{run.children_pending} children"
     if run.state == "scheduled":

@@ -46,3 +46,7 @@ class HandlerCrashed(MainspringError):
 
 class BackendUnavailable(MainspringError, ConnectionError):
     """The database could not be reached."""
+
+
+class SignalRejected(MainspringError):
+    """A signal the target workflow's contract refuses (name or payload); nothing is written."""

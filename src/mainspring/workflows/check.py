@@ -42,7 +42,7 @@ import builtins
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -246,8 +246,8 @@ def check_workflow(fn: Callable[..., Any]) -> list[Finding]:
     definition = _definition_of(fn, module)
     if definition is None:
         return []
-    names = _Names(fn, module, definition)
-    checker = _Checker(names, inspect.getsourcefile(fn) or "", lines, definition)
+    file = inspect.getsourcefile(fn) or fn.__code__.co_filename
+    checker = _Checker(_Names(fn, module, definition), file, lines, definition)
     for statement in definition.body:
         checker.visit(statement)
     return sorted(checker.findings, key=lambda finding: finding.line)
@@ -377,25 +377,17 @@ def _absolute(node: ast.ImportFrom, package: object) -> str | None:
         return None
 
 
-def _module_level(statements: Iterable[ast.stmt]) -> Iterable[ast.stmt]:
-    """Statements that run at import time, including inside `if` and `try` blocks."""
+def _module_level(statements: Iterable[ast.stmt]) -> Iterator[ast.stmt]:
+    """Statements that run at import time, including inside `if`, `try` and `with` blocks."""
     for statement in statements:
         yield statement
         if isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             continue
-        for field in ("body", "orelse", "finalbody", "handlers"):
-            children = getattr(statement, field, None)
-            if isinstance(children, list):
-                yield from _module_level(
-                    child for block in children for child in _statements_of(block)
-                )
-
-
-def _statements_of(node: ast.AST) -> list[ast.stmt]:
-    # An except handler is a block of its own; other children are statements.
-    if isinstance(node, ast.ExceptHandler):
-        return node.body
-    return [node] if isinstance(node, ast.stmt) else []
+        for child in ast.iter_child_nodes(statement):
+            if isinstance(child, ast.ExceptHandler):
+                yield from _module_level(child.body)
+            elif isinstance(child, ast.stmt):
+                yield from _module_level([child])
 
 
 def _bound_names(definition: _Function) -> set[str]:

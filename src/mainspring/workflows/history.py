@@ -28,6 +28,11 @@ TIMER_FIRED: Final = "timer_fired"
 SIGNAL_RECEIVED: Final = "signal_received"  # name, payload, signal
 SIGNAL_TIMED_OUT: Final = "signal_timed_out"
 
+CANCEL_REQUESTED: Final = "cancel_requested"  # signal: app.cancel reached the workflow
+
+# app.cancel(workflow) sends this signal; the workflow sees asyncio.CancelledError.
+CANCEL_SIGNAL: Final = "__cancel__"
+
 # the run itself
 STARTED: Final = "started"  # input, version
 FINISHED: Final = "finished"  # ok, value | error
@@ -35,5 +40,5 @@ CONTINUED: Final = "continued_as_new"  # next
 
 COMMANDS: Final = frozenset({ACTIVITY, CHILD, TIMER, WAIT_SIGNAL, VALUE, PATCH, LOG})
 RESOLUTIONS: Final = frozenset(
-    {ACTIVITY_DONE, CHILD_DONE, TIMER_FIRED, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT}
+    {ACTIVITY_DONE, CHILD_DONE, TIMER_FIRED, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT, CANCEL_REQUESTED}
 )

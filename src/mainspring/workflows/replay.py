@@ -67,6 +67,7 @@ class TaskResult:
     error: dict[str, Any] | None = None
     continue_input: Any = None
     continued: bool = False
+    cancelled: bool = False
     events: list[tuple[int, str, str]] = field(default_factory=list)
     children: list[NewRun] = field(default_factory=list)
     consume: list[str] = field(default_factory=list)
@@ -105,6 +106,8 @@ class Replayer:
         self.result = TaskResult()
         self.replaying = True
         self.divergence: NondeterminismError | None = None
+        self.cancelled = False
+        self.main: asyncio.Task[Any]
 
     # -- recording ------------------------------------------------------------------
 
@@ -212,11 +215,15 @@ class Replayer:
             raise self.divergence
 
     def run(self, main: Callable[[], Coroutine[Any, Any, Any]]) -> TaskResult:
-        task = self.loop.create_task(main())
+        task = self.main = self.loop.create_task(main())
         self._run_ready()
         for event in self.resolutions:
-            self._check_issued(event)
-            self._resolve(event.data["cmd"], event.kind, event.data)
+            if event.kind == h.CANCEL_REQUESTED:
+                self.cancelled = True
+                task.cancel()
+            else:
+                self._check_issued(event)
+                self._resolve(event.data["cmd"], event.kind, event.data)
             self._run_ready()
             if task.done():
                 break
@@ -261,6 +268,14 @@ class Replayer:
     def _resolve_live(self) -> bool:
         """Record and deliver whatever has happened to pending commands; False when nothing has."""
         resolved = False
+        cancel = next((s for s in self.inbox if s.name == h.CANCEL_SIGNAL), None)
+        if cancel is not None and not self.cancelled:
+            self.inbox.remove(cancel)
+            self.result.consume.append(cancel.id)
+            self._event(h.CANCEL_REQUESTED, {"signal": cancel.id})
+            self.cancelled = True
+            self.main.cancel()
+            return True
         for cmd, command in sorted(self.pending.items()):
             if command.future is not None and command.future.cancelled():
                 self.pending.pop(cmd)
@@ -308,10 +323,8 @@ class Replayer:
         if task.done():
             result.done = True
             if task.cancelled():
-                result.ok, result.error = (
-                    False,
-                    {"type": "Cancelled", "message": "workflow cancelled"},
-                )
+                result.ok, result.cancelled = False, True
+                result.error = {"type": "Cancelled", "message": "the workflow was cancelled"}
                 return
             exc = task.exception()
             if isinstance(exc, ContinueAsNew):
@@ -326,6 +339,7 @@ class Replayer:
                 result.value = task.result()
             return
         deadlines = []
+        result.awaits.append(h.CANCEL_SIGNAL)  # a cancellation always wakes it
         for command in self.pending.values():
             if command.kind == h.TIMER:
                 deadlines.append(command.data["fire_at"])

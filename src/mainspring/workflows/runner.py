@@ -11,6 +11,7 @@ from mainspring import payload
 from mainspring.machines.runner import StepLoader
 from mainspring.run import (
     AVAILABLE,
+    CANCELLED,
     COMPLETED,
     FAILED,
     SCHEDULED,
@@ -108,6 +109,9 @@ class WorkflowRunner:
             commit.children = [*commit.children, nxt]
             output: Any = {"continued_as_new": nxt.id}
             return Outcome(run.id, run.fence, COMPLETED, output=payload.dumps(output), step=commit)
+        if result.cancelled:
+            return Outcome(run.id, run.fence, CANCELLED, error=payload.dumps(result.error),
+                           step=commit)  # fmt: skip
         if result.ok:
             return Outcome(run.id, run.fence, COMPLETED, output=payload.dumps(result.value),
                            step=commit)  # fmt: skip

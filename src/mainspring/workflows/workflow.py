@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import random
 import uuid
 from collections.abc import Callable, Coroutine
@@ -35,6 +37,7 @@ class Workflow:
         self.run_id = run_id
         self.name = name
         self.attempt = attempt
+        self._compensations: list[tuple[Task[..., Any], tuple[Any, ...], dict[str, Any]]] = []
 
     @property
     def replaying(self) -> bool:
@@ -49,17 +52,34 @@ class Workflow:
         timeout: float | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        compensate: Task[..., Any] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run a task (at least once, with its own retries) and return its result.
 
         Raises ms.ActivityError when it fails for good. The result is journaled:
-        replay never calls the task again.
+        replay never calls the task again. With `compensate=`, once it succeeds
+        that task (called with the same arguments) is registered for
+        `compensate_all()`.
         """
         given = {"max_attempts": max_attempts, "timeout": timeout, "queue": queue,
                  "priority": priority}  # fmt: skip
         options = {k: v for k, v in given.items() if v is not None}
-        return await self._r.activity(task, args, kwargs, options)
+        result = await self._r.activity(task, args, kwargs, options)
+        if compensate is not None:
+            self._compensations.append((compensate, args, kwargs))
+        return result
+
+    async def compensate_all(self, *, parallel: bool = False) -> list[Any]:
+        """Run the registered compensations: newest first, or all at once with `parallel`.
+
+        Each runs once as an activity; the list is emptied, so a second call
+        does nothing.
+        """
+        todo, self._compensations = list(reversed(self._compensations)), []
+        if parallel:
+            return list(await asyncio.gather(*(self.activity(t, *a, **k) for t, a, k in todo)))
+        return [await self.activity(t, *a, **k) for t, a, k in todo]
 
     async def child(self, workflow: Any, input: Any = None, *, queue: str | None = None) -> Any:
         """Run a child workflow and return its result (ms.ActivityError when it fails)."""
@@ -116,6 +136,7 @@ class WorkflowDef:
     name: str
     queue: str
     version: str
+    signals: dict[str, Any] | None = None  # name -> payload type: the signal contract
 
     def new_run(
         self,
@@ -180,3 +201,30 @@ def fingerprint(fn: Callable[..., Any]) -> str:
     except (OSError, TypeError):
         source = f"{fn.__module__}.{fn.__qualname__}"
     return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+
+
+def check_signal(definition: WorkflowDef, name: str, payload: Any) -> None:
+    """Refuse a signal the workflow's contract does not declare, or whose payload is invalid."""
+    from mainspring.errors import SignalRejected
+
+    contract = definition.signals
+    if contract is None:
+        return
+    if name not in contract:
+        raise SignalRejected(
+            f"workflow {definition.name} accepts the signals {sorted(contract)}, not {name!r}"
+        )
+    kind = contract[name]
+    try:
+        if kind is None or kind is Any:
+            return
+        if hasattr(kind, "model_validate"):
+            kind.model_validate(payload)
+        elif dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            kind(**payload)
+        elif isinstance(kind, type) and not isinstance(payload, kind):
+            raise TypeError(f"expected {kind.__name__}, got {type(payload).__name__}")
+    except Exception as exc:
+        raise SignalRejected(
+            f"signal {name!r} to workflow {definition.name}: invalid payload: {exc}"
+        ) from None
