@@ -218,3 +218,22 @@ def test_signal_rate_limit_and_waits_on(app: ms.App) -> None:
             return await waiter.result_async(timeout=10)
 
     assert asyncio.run(finish()) == {"n": 1}
+
+
+def test_check_reports_workflows_that_break_replay(tmp_path: Path) -> None:
+    (tmp_path / "good_flows.py").write_text(
+        "import mainspring as ms\napp = ms.App('sqlite:///x.db')\n"
+        "@app.workflow(name='ok')\nasync def ok(wf, input):\n    return wf.now().isoformat()\n"
+    )
+    (tmp_path / "bad_flows.py").write_text(
+        "import time\nimport mainspring as ms\napp = ms.App('sqlite:///x.db')\n"
+        "@app.workflow(name='bad')\nasync def bad(wf, input):\n    return time.time()\n"
+    )
+    run = [sys.executable, "-m", "mainspring", "check", "--format", "json", "--app"]
+    good = subprocess.run([*run, "good_flows:app"], cwd=tmp_path, capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout) == {"workflows": ["ok"], "findings": []}
+    bad = subprocess.run([*run, "bad_flows:app"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stderr
+    finding = json.loads(bad.stdout)["findings"][0]
+    assert (finding["line"], finding["call"]) == (6, "time.time()")

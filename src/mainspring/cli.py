@@ -243,6 +243,33 @@ def runs_signal(
         raise SystemExit(1)
 
 
+@main.command()
+@click.option("--app", "app_spec", required=True, help="module:app holding your App.")
+@format_option
+def check(app_spec: str, fmt: str) -> None:
+    """Check every registered workflow for calls that would break replay; exit 1 on findings."""
+    from mainspring.workflows.check import DeterminismError, check_workflow
+
+    try:
+        app = load_app(app_spec)
+    except DeterminismError as exc:  # raised while the module registers its workflows
+        findings = [(exc.workflow, f) for f in exc.findings]
+        checked: list[str] = []
+    else:
+        checked = sorted(app.workflows)
+        findings = [(n, f) for n in checked for f in check_workflow(app.workflows[n].fn)]
+    if fmt == "json":
+        found = [{"workflow": n, **dataclasses.asdict(f)} for n, f in findings]
+        click.echo(_json({"workflows": checked, "findings": found}))
+    else:
+        for name, finding in findings:
+            console.print(f"{name}: {finding}")
+        if not findings:
+            console.print(f"{len(checked)} workflows checked: no call breaks replay")
+    if findings:
+        raise SystemExit(1)
+
+
 @main.command("rate-limit")
 @click.argument("name")
 @format_option
