@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -295,3 +297,30 @@ async def test_signal_contracts_refuse_bad_signals(app: ms.App) -> None:
     assert (sent, again) == (ms.SignalResult.DELIVERED, ms.SignalResult.DUPLICATE)
     async with running(app, concurrency=4):
         assert await handle.result_async(timeout=10) == {"by": "me"}
+
+
+def test_drain_and_readiness_for_deploys(db_url: str) -> None:
+    app = ms.App(db_url, shutdown_grace=5.0)
+
+    @app.task(name="slow")
+    async def slow() -> str:
+        await asyncio.sleep(0.5)
+        return "done"
+
+    handles = app.enqueue_many([slow.call() for _ in range(3)])
+    assert app.readiness() == "ready"
+    worker = threading.Thread(
+        target=app.run_worker, kwargs={"concurrency": 3, "install_signal_handlers": False}
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while any(app.get_run(h.id).state != "running" for h in handles):
+            assert time.monotonic() < deadline, "the worker never claimed the runs"
+            time.sleep(0.02)
+        assert app.readiness() == "ready"
+        assert app.drain(timeout=5) == "drained"  # in-flight handlers finished first
+        assert [app.get_run(h.id).state for h in handles] == ["completed"] * 3
+    finally:
+        worker.join(timeout=10)
+        app.close()

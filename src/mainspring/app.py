@@ -33,6 +33,7 @@ from mainspring.store.base import Store
 from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.workflows.workflow import WorkflowDef
 
@@ -323,6 +324,8 @@ class App:
             asyncio.AbstractEventLoop, asyncio.Future[Store]
         ] = weakref.WeakKeyDictionary()
         self._migrated = False
+        self._workers: set[Worker] = set()
+        self._drained = False
 
     def __repr__(self) -> str:
         return f"<mainspring.App {self.url}>"
@@ -823,7 +826,37 @@ class App:
         from mainspring.engine.worker import Worker
 
         worker = Worker(self, queues=queues, concurrency=concurrency, burst=burst, **options)
-        await worker.run()
+        self._workers.add(worker)
+        try:
+            await worker.run()
+        finally:
+            self._workers.discard(worker)
+            self._drained = self._drained or worker.stopping
+
+    def readiness(self) -> str:
+        """For deploy probes: 'ready', 'draining', 'drained' (no worker left) or 'degraded'."""
+        if not self._workers:
+            return "drained" if self._drained else "ready"
+        if any(w.stopping for w in self._workers):
+            return "draining"
+        return "degraded" if any(w.status == "degraded" for w in self._workers) else "ready"
+
+    async def drain_async(self, timeout: float | None = None) -> str:
+        """Stop claiming on this process's workers, let workflow tasks and handlers finish
+        (up to `timeout`, else the shutdown grace), release what is left; returns readiness."""
+        workers = list(self._workers)
+        if timeout is not None:
+            self.shutdown_grace = timeout
+        for worker in workers:
+            worker.stop_threadsafe()
+        deadline = None if timeout is None else time.monotonic() + timeout + 5
+        while self._workers and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        return self.readiness()
+
+    def drain(self, timeout: float | None = None) -> str:
+        """Drain the workers of this process (see `drain_async`)."""
+        return self._sync(self.drain_async(timeout))
 
 
 async def _wrap(aw: Awaitable[T]) -> T:

@@ -147,6 +147,7 @@ class Worker:
         self._known_elsewhere: tuple[float, set[str]] = (0.0, set())
         self._machines: MachineRunner | None = None
         self._workflows: WorkflowRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.claimed_total = 0
         self.completed_total = 0
 
@@ -156,6 +157,25 @@ class Worker:
         return self._store
 
     # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """True once the node was asked to stop (it drains, then returns)."""
+        return self._stopping.is_set()
+
+    def stop_threadsafe(self) -> None:
+        """`stop()` from any thread (a deploy hook, the sync client)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.stop()
+        else:
+            loop.call_soon_threadsafe(self.stop)
 
     def stop(self) -> None:
         """Begin a graceful drain: stop claiming, let in-flight runs finish, release the rest.
@@ -170,6 +190,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run the node until stopped; every loop it starts is finished before it returns."""
+        self._loop = asyncio.get_running_loop()
         await self._start()
         try:
             async with asyncio.TaskGroup() as tg:
