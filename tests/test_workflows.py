@@ -324,3 +324,23 @@ def test_drain_and_readiness_for_deploys(db_url: str) -> None:
     finally:
         worker.join(timeout=10)
         app.close()
+
+
+@aio
+async def test_search_attributes_and_queries_on_workflows(app: ms.App) -> None:
+    @app.workflow(name="searchable")
+    async def searchable(wf: ms.Workflow, input: None) -> None:
+        await wf.wait_signal("never")
+
+    pro = await app.start_async(searchable, namespace="billing", attributes={"plan": "pro"})
+    free = await app.start_async(searchable, namespace="billing", attributes={"plan": "free"})
+    await app.start_async(searchable, namespace="other", attributes={"plan": "pro"})
+    page = await app.query_async(namespace="billing", where=[("eq", ["attributes", "plan"], "pro")])
+    assert [r.id for r in page.items] == [pro.id] and page.next_cursor is None
+    await app.set_attributes_async(free.id, {"plan": "pro", "tags": ["vip"]})
+    page = await app.query_async(
+        namespace="billing", where=[("contains", ["attributes", "tags"], "vip")]
+    )
+    assert [r.id for r in page.items] == [free.id]
+    with pytest.raises(ms.QueryError, match="operator"):
+        await app.query_async(where=[("like", ["state"], "x")])

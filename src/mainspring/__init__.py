@@ -30,6 +30,7 @@ from mainspring.machines import (
 )
 from mainspring.ratelimits import RateLimitStatus
 from mainspring.run import Run
+from mainspring.search import Page, QueryError
 from mainspring.signals import Signal, SignalResult, Signals
 from mainspring.workflows import ActivityError, NondeterminismError, Workflow
 
@@ -52,6 +53,8 @@ __all__ = [
     "Next",
     "NondeterminismError",
     "Outcome",
+    "Page",
+    "QueryError",
     "QueueConfig",
     "RateLimitStatus",
     "Retry",

@@ -35,6 +35,7 @@ from mainspring.telemetry import Telemetry
 if TYPE_CHECKING:
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
+    from mainspring.search import Page
     from mainspring.workflows.workflow import WorkflowDef
 
 P = ParamSpec("P")
@@ -832,6 +833,43 @@ class App:
         finally:
             self._workers.discard(worker)
             self._drained = self._drained or worker.stopping
+
+    async def query_async(
+        self,
+        *,
+        namespace: str | None = None,
+        where: Iterable[Any] = (),
+        order_by: tuple[str, str] = ("desc", "created_at"),
+        limit: int = 50,
+        cursor: str | None = None,
+        kind: str | None = "workflow",
+    ) -> Page:
+        """Search runs (workflows by default) by columns and attributes; see mainspring.search.
+
+        `where` holds (operator, path, value) conditions: eq, ne, gt, gte, lt, lte,
+        in, contains, exists on run columns (["state"]) or attribute paths
+        (["attributes", "plan"]). Pages are stable under inserts; pass
+        `page.next_cursor` back for the next one. Raises ms.QueryError.
+        """
+        from mainspring.search import query_runs
+
+        return await query_runs(
+            await self.store(), namespace=namespace, where=where, order_by=order_by,
+            limit=limit, cursor=cursor, kind=kind,
+        )  # fmt: skip
+
+    def query(self, **options: Any) -> Page:
+        """Search runs (sync client); see `query_async`."""
+        return self._sync(self.query_async(**options))
+
+    async def set_attributes_async(self, run_id: str, attributes: dict[str, Any]) -> Run:
+        """Merge JSON into a run's search attributes (top level); never journaled or replayed."""
+        from mainspring.search import set_attributes
+
+        return await set_attributes(await self.store(), run_id, attributes)
+
+    def set_attributes(self, run_id: str, attributes: dict[str, Any]) -> Run:
+        return self._sync(self.set_attributes_async(run_id, attributes))
 
     def readiness(self) -> str:
         """For deploy probes: 'ready', 'draining', 'drained' (no worker left) or 'degraded'."""
