@@ -385,6 +385,26 @@ def bench_machines(
     click.echo(render(result, fmt))
 
 
+@bench.command("workflows")
+@click.option("--backend", type=click.Choice(["sqlite", "postgres"]), default="sqlite")
+@click.option("--url", "bench_url", help="Server URL for postgres (default: local server).")
+@click.option("--workflows", type=int, default=2_000, show_default=True)
+@click.option("--concurrency", type=int, default=500, show_default=True)
+@click.option("--peers/--no-peers", default=True, help="Run DBOS Transact too (postgres).")
+@format_option
+def bench_workflows(
+    backend: str, bench_url: str | None, workflows: int, concurrency: int, peers: bool, fmt: str
+) -> None:
+    """Run three-activity workflows to completion; print workflows per second and the ratio
+    to DBOS Transact's."""
+    from mainspring.bench.workflows import render, run_workflows_bench
+
+    result = run_workflows_bench(
+        backend, bench_url, workflows, concurrency=concurrency, peers=peers
+    )
+    click.echo(render(result, fmt))
+
+
 @main.command()
 @click.option("--jobs", type=int, default=200, show_default=True)
 @click.option("--url", "demo_url", default="sqlite:///mainspring-demo.db", show_default=True)

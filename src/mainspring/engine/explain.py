@@ -102,13 +102,20 @@ async def explain(store: Store, run: Run, lease_ttl: float) -> Explanation:
 
 def _waiting(run: Run, now: datetime) -> Explanation:
     reasons = []
-    if run.awaits is not None:
-        verdict = f"waiting for a signal: {', '.join(run.awaits)}; then step {run.step!r}"
+    names = [n for n in run.awaits or [] if not n.startswith("__")]  # not the internal cancel
+    if run.kind == "workflow":
+        waits = [f"signal {' | '.join(names)}"] if names else []
+        verdict = "waiting for " + " or ".join([*waits, "its activities, timers or children"])
+        if run.deadline is not None:
+            reasons.append(f"next timer at {run.deadline.isoformat()} ({_ago(run.deadline, now)})")
+    elif run.awaits is not None:
+        verdict = f"waiting for a signal: {', '.join(names)}; then step {run.step!r}"
         if run.deadline is not None:
             reasons.append(f"times out at {run.deadline.isoformat()} ({_ago(run.deadline, now)})")
         else:
             reasons.append("no timeout: it waits until signalled or cancelled")
-        reasons.append(f"send one with: mainspring runs signal {run.id} {run.awaits[0]}")
+        if names:
+            reasons.append(f"send one with: mainspring runs signal {run.id} {names[0]}")
     elif run.children_pending > 0:
         verdict = (
             f"waiting for {run.children_pending} child run(s) to finish; then step {run.step!r}"
