@@ -344,3 +344,49 @@ async def test_search_attributes_and_queries_on_workflows(app: ms.App) -> None:
     assert [r.id for r in page.items] == [free.id]
     with pytest.raises(ms.QueryError, match="operator"):
         await app.query_async(where=[("like", ["state"], "x")])
+
+
+@aio
+async def test_runs_finish_on_the_version_they_started_on(db_url: str) -> None:
+    def build(versions: list[str]) -> ms.App:
+        app = ms.App(db_url, lease_ttl=5.0)
+        for version in versions:
+
+            @app.workflow(name="versioned", version=version)
+            async def versioned(wf: ms.Workflow, input: None, version: str = version) -> str:
+                await wf.wait_signal("go")
+                return f"finished on v{version}"
+
+        return app
+
+    old_deploy, new_deploy, both = build(["1"]), build(["2"]), build(["1", "2"])
+    unknown: list[dict[str, Any]] = []
+    new_deploy.telemetry.attach("workflow.unknown_version", lambda _e, meta: unknown.append(meta))
+    try:
+        started = await old_deploy.start_async("versioned")
+        async with running(old_deploy, concurrency=2):
+
+            async def parked() -> bool:
+                return "go" in ((await started.get_async()).awaits or [])
+
+            await eventually(parked)
+        await new_deploy.signal_async(started.id, "go")
+        async with running(new_deploy, concurrency=2):
+
+            async def suspended() -> bool:
+                run = await started.get_async()
+                return (run.error or {}).get("type") == "UnknownVersion"
+
+            await eventually(suspended)
+        run = await started.get_async()
+        assert run.state == "scheduled" and unknown and unknown[0]["version"] == "1"
+        fresh = await new_deploy.start_async("versioned")
+        await new_deploy.signal_async(fresh.id, "go")
+        store = await both.store()
+        await store.execute_script(f"UPDATE ms_runs SET run_at = created_at WHERE id = '{run.id}'")
+        async with running(both, concurrency=2):
+            assert await both.result_async(started.id, timeout=10) == "finished on v1"
+            assert await both.result_async(fresh.id, timeout=10) == "finished on v2"
+    finally:
+        for app in (old_deploy, new_deploy, both):
+            await app.aclose()

@@ -308,6 +308,7 @@ class App:
         self.tasks: dict[str, Task[..., Any]] = {}
         self.machines: dict[str, MachineDef] = {}
         self.workflows: dict[str, WorkflowDef] = {}
+        self.workflow_versions: dict[tuple[str, str], WorkflowDef] = {}
         self.rate_limits = RateLimits(self)
         self._rate_limits_dirty = False
         self.periodics: list[Periodic] = []
@@ -481,11 +482,16 @@ class App:
         name: str | None = None,
         queue: str = "default",
         signals: dict[str, Any] | None = None,
+        version: str = "1",
     ) -> Any:
         """Register a workflow: `async def flow(wf: ms.Workflow, input) -> result`.
 
         Its source is checked for calls that would break replay (clock,
-        randomness, I/O, threads): those belong in activities.
+        randomness, I/O, threads): those belong in activities. Runs finish on
+        the `version` they started on: register the old function beside a new
+        one (same name, new version) while old runs drain; a run whose version
+        no node has loaded waits, it is never failed for it. Compatible edits
+        keep the version and guard new paths with `wf.patched(...)`.
         """
         from mainspring.workflows.workflow import WorkflowDef, fingerprint
 
@@ -493,13 +499,17 @@ class App:
             if not inspect.iscoroutinefunction(func):
                 raise ConfigError(f"@app.workflow needs an async function, got {func!r}")
             workflow_name = name or f"{func.__module__}.{func.__qualname__}"
-            if workflow_name in self.workflows or workflow_name in self.tasks:
+            if (workflow_name, version) in self.workflow_versions or workflow_name in self.tasks:
                 raise ConfigError(
-                    f"a task or workflow named {workflow_name!r} is already registered"
+                    f"a task or workflow named {workflow_name!r} (version {version}) is "
+                    "already registered"
                 )
             _check_determinism(func)
-            definition = WorkflowDef(self, func, workflow_name, queue, fingerprint(func), signals)
-            self.workflows[workflow_name] = definition
+            definition = WorkflowDef(
+                self, func, workflow_name, queue, version, signals, fingerprint(func)
+            )
+            self.workflow_versions[workflow_name, version] = definition
+            self.workflows[workflow_name] = definition  # new runs start on the latest
             func.workflow_name = workflow_name
             return func
 

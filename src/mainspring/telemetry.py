@@ -2,7 +2,7 @@
 
 Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
 run.cancelled, run.lease_lost, run.released, run.step, run.waiting, signal.sent,
-rate_limit.throttled, rate_limit.unknown, node.up, node.down, node.loop_crashed.
+rate_limit.throttled, rate_limit.unknown, workflow.unknown_version, node.up, node.down, node.loop_crashed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -31,6 +31,7 @@ EVENTS = (
     "signal.sent",
     "rate_limit.throttled",
     "rate_limit.unknown",
+    "workflow.unknown_version",
     "node.up",
     "node.down",
     "node.loop_crashed",

@@ -33,6 +33,7 @@ log = logging.getLogger("mainspring.workflows")
 # A timer is due when the database says so; allow this much clock skew between nodes.
 _SKEW = timedelta(milliseconds=10)
 _NONDETERMINISM_RETRY = 60.0
+_UNKNOWN_VERSION_RETRY = 30.0
 
 
 class WorkflowRunner:
@@ -45,7 +46,11 @@ class WorkflowRunner:
         self.paranoid = os.environ.get("MAINSPRING_PARANOID", "") not in ("", "0")
 
     async def execute(self, run: Claimed) -> Outcome:
-        definition = self.app.workflows[run.name]
+        recorded = run.input if isinstance(run.input, dict) else {}
+        version = str(recorded.get("version", "1"))
+        definition = self.app.workflow_versions.get((run.name, version))
+        if definition is None:
+            return self._unknown_version(run, version)
         try:
             data = await self.loader.load(run.id)
         except Exception as exc:
@@ -66,6 +71,21 @@ class WorkflowRunner:
         for message in result.logs:
             log.info("[%s %s] %s", definition.name, run.id, message)
         return self._outcome(definition, run, result)
+
+    def _unknown_version(self, run: Claimed, version: str) -> Outcome:
+        """No code for the run's version here: leave it for a node that has it; never fail it."""
+        loaded = sorted(v for (n, v) in self.app.workflow_versions if n == run.name)
+        message = (
+            f"workflow {run.name} run {run.id} started on version {version}; this node "
+            f"({self.worker.name}) has versions {loaded}: the run waits for a node with it"
+        )
+        self.worker.telemetry.emit("workflow.unknown_version", id=run.id, name=run.name,
+                                   version=version, node=self.worker.name)  # fmt: skip
+        log.warning("%s", message)
+        error = {"type": "UnknownVersion", "message": message, "traceback": None}
+        at = datetime.now(UTC) + timedelta(seconds=_UNKNOWN_VERSION_RETRY)
+        return Outcome(run.id, run.fence, SCHEDULED, error=payload.dumps(error), run_at=at,
+                       refund_attempt=True)  # fmt: skip
 
     def _task(
         self, definition: WorkflowDef, run: Claimed, data: StepData, now: datetime

@@ -135,8 +135,9 @@ class WorkflowDef:
     fn: WorkflowFn
     name: str
     queue: str
-    version: str
+    version: str  # runs finish on the version they started on
     signals: dict[str, Any] | None = None  # name -> payload type: the signal contract
+    code: str = ""  # a fingerprint of the source, recorded for audits
 
     def new_run(
         self,
@@ -160,7 +161,7 @@ class WorkflowDef:
             name=self.name,
             namespace=namespace or "default",
             queue=queue or self.queue,
-            input=payload.dumps({"input": input, "version": self.version}),
+            input=payload.dumps({"input": input, "version": self.version, "code": self.code}),
             state=SCHEDULED if later else AVAILABLE,
             run_at=run_at if later and run_at else now,
             max_attempts=1_000_000,  # a workflow task is retried until it succeeds
