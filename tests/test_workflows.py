@@ -390,3 +390,38 @@ async def test_runs_finish_on_the_version_they_started_on(db_url: str) -> None:
     finally:
         for app in (old_deploy, new_deploy, both):
             await app.aclose()
+
+
+def test_audit_reports_patches_and_stuck_runs(db_url: str, tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "audited.py").write_text(
+        "import mainspring as ms\n"
+        f"app = ms.App({db_url!r})\n"
+        "@app.workflow(name='audited', version='2')\n"
+        "async def audited(wf, input):\n"
+        "    if wf.patched('fast-path'):\n"
+        "        return 'new'\n"
+        "    return await wf.wait_signal('go')\n"
+    )
+    app = ms.App(db_url)
+
+    @app.workflow(name="audited", version="1")
+    async def old_code(wf: ms.Workflow, input: None) -> Any:
+        return await wf.wait_signal("go")
+
+    app.start("audited")  # an active run on version 1, which the audited app no longer loads
+    app.close()
+    command = [sys.executable, "-m", "mainspring", "audit", "--app", "audited:app",
+               "--format", "json"]  # fmt: skip
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["loaded"] == {"audited": ["2"]}
+    assert [s["version"] for s in report["stuck"]] == ["1"]
+    [patch] = report["patches"]
+    assert (patch["patch"], patch["line"], patch["runs_before"]) == ("fast-path", 5, 1)
+    strict = subprocess.run([*command, "--strict"], cwd=tmp_path, capture_output=True, text=True)
+    assert strict.returncode == 1

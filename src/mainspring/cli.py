@@ -270,6 +270,38 @@ def check(app_spec: str, fmt: str) -> None:
         raise SystemExit(1)
 
 
+@main.command()
+@click.option("--app", "app_spec", required=True, help="module:app holding your App.")
+@click.option("--strict", is_flag=True, help="Exit 1 on removable patches or stuck runs (CI).")
+@format_option
+def audit(app_spec: str, strict: bool, fmt: str) -> None:
+    """Workflow versions loaded, patch guards safe to remove, runs on versions not loaded."""
+    from mainspring.workflows.audit import audit as run_audit
+
+    app = load_app(app_spec)
+
+    async def go() -> Any:
+        try:
+            return await run_audit(app)
+        finally:
+            await app.aclose()
+
+    report = asyncio.run(go())
+    if fmt == "json":
+        click.echo(_json(report.to_dict()))
+    else:
+        for name, versions in sorted(report.loaded.items()):
+            active = {v: report.active.get(f"{name}@{v}", 0) for v in versions}
+            console.print(f"{name}: versions {', '.join(versions)} (active runs {active})")
+        for p in report.patches:
+            verdict = "safe to remove" if p.safe_to_remove else f"{p.runs_before} runs need it"
+            console.print(f"  patch {p.patch!r} at {p.file}:{p.line}: {verdict}")
+        for s in report.stuck:
+            console.print(f"  run {s['id']} of {s['workflow']}: version {s['version']} not loaded")
+    if strict and report.problems():
+        raise SystemExit(1)
+
+
 @main.command("rate-limit")
 @click.argument("name")
 @format_option
