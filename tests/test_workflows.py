@@ -425,3 +425,36 @@ def test_audit_reports_patches_and_stuck_runs(db_url: str, tmp_path: Any) -> Non
     assert (patch["patch"], patch["line"], patch["runs_before"]) == ("fast-path", 5, 1)
     strict = subprocess.run([*command, "--strict"], cwd=tmp_path, capture_output=True, text=True)
     assert strict.returncode == 1
+
+
+@aio
+async def test_reset_replays_a_prefix_and_continues_live(app: ms.App) -> None:
+    calls: list[str] = []
+
+    @app.task(name="reset_step")
+    async def step(label: str) -> str:
+        calls.append(label)
+        return label
+
+    @app.workflow(name="resettable")
+    async def resettable(wf: ms.Workflow, input: None) -> list[str]:
+        first = await wf.activity(step, "first")
+        second = await wf.activity(step, "second")
+        decision = await wf.wait_signal("go")
+        return [first, second, decision]
+
+    old = await app.start_async(resettable)
+    async with running(app, concurrency=4):
+
+        async def parked() -> bool:
+            return "go" in ((await old.get_async()).awaits or [])
+
+        await eventually(parked)
+        journal = (await (await app.store()).load_step_data([old.id], events=True))[old.id].events
+        first_done = next(e.seq for e in journal if e.kind == "activity_done")
+        new = await app.reset_async(old.id, to_event=first_done)  # keep "first", redo the rest
+        await app.signal_async(new.id, "go", "again")
+        assert await new.result_async(timeout=10) == ["first", "second", "again"]
+    assert (await old.get_async()).state == "cancelled"
+    assert (await new.get_async()).attributes["reset_from"] == old.id
+    assert calls == ["first", "second", "second"]  # "first" came from the copied journal

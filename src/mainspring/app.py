@@ -7,6 +7,7 @@ App (a worker process, a pool child) touches no database.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import os
@@ -544,6 +545,36 @@ class App:
         """Start a workflow run (sync client); see `start_async`."""
         return self._sync(self.start_async(workflow, input, **options))
 
+    async def reset_async(self, run_id: str, to_event: int) -> RunHandle:
+        """Start a new run that replays `run_id`'s journal up to event `to_event`, then runs live.
+
+        For recovering from a bad deploy: commands the journal had not resolved
+        by then are issued again. The old run is cancelled; the new one links
+        to it in its attributes (`reset_from`).
+        """
+        from mainspring.workflows.history import reset_journal
+
+        store = await self.store()
+        old = await store.get_run(run_id)
+        if old is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        if old.kind != "workflow":
+            raise ConfigError(f"run {run_id} is a {old.kind}, not a workflow: only workflows reset")
+        journal = (await store.load_step_data([run_id], events=True))[run_id].events
+        if not 1 <= to_event <= len(journal):
+            raise ConfigError(f"to_event must be from 1 to {len(journal)} (the journal's length)")
+        attributes = {**old.attributes, "reset_from": run_id, "reset_to": to_event}
+        fresh = dataclasses.replace(
+            _new_run_like(old), id=uuid7(), attributes=_payload.dumps(attributes)
+        )
+        await store.insert_with_journal(fresh, reset_journal(journal, to_event))
+        await store.cancel_run(run_id)
+        return RunHandle(self, fresh.id)
+
+    def reset(self, run_id: str, to_event: int) -> RunHandle:
+        """Reset a workflow run (sync client); see `reset_async`."""
+        return self._sync(self.reset_async(run_id, to_event))
+
     async def schedule_at_async(self, workflow: Any, input: Any, when: datetime) -> RunHandle:
         """A durable one-shot schedule: the run (and its id) exists now and starts at `when`."""
         return await self.start_async(workflow, input, run_at=when)
@@ -918,3 +949,12 @@ def _check_determinism(fn: Any) -> None:
     except ImportError:  # pragma: no cover - the checker ships with the package
         return
     assert_deterministic(fn)
+
+
+def _new_run_like(run: Run) -> NewRun:
+    """A new available run with the same workflow, input (and so version) as `run`."""
+    return NewRun(
+        id=run.id, kind=run.kind, name=run.name, namespace=run.namespace, queue=run.queue,
+        input=_payload.dumps(run.input), state=AVAILABLE, run_at=datetime.now(UTC),
+        priority=run.priority, max_attempts=run.max_attempts, parent_id=run.parent_id,
+    )  # fmt: skip

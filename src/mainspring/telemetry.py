@@ -2,7 +2,8 @@
 
 Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
 run.cancelled, run.lease_lost, run.released, run.step, run.waiting, signal.sent,
-rate_limit.throttled, rate_limit.unknown, workflow.unknown_version, node.up, node.down, node.loop_crashed.
+rate_limit.throttled, rate_limit.unknown, workflow.unknown_version, node.up,
+node.down, node.loop_crashed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """

@@ -253,6 +253,13 @@ class Store(abc.ABC):
         """The unconsumed inbox and the children of each run (with `events`, its journal
         in seq order), in one round trip."""
 
+    @abc.abstractmethod
+    async def insert_with_journal(
+        self, run: NewRun, events: Sequence[tuple[int, str, str]]
+    ) -> None:
+        """Insert a run and its starting journal of (seq, kind, JSON) entries atomically
+        (a reset run starts from a copied journal), then wake its queue."""
+
     # -- signals and rate limits -------------------------------------------------
 
     @abc.abstractmethod

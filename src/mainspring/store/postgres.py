@@ -70,6 +70,20 @@ def _run(row: asyncpg.Record) -> Run:
     return run_from_row(row, _same)
 
 
+def _insert_arrays(runs: Sequence[NewRun]) -> list[list[Any]]:
+    """The arrays of insert_runs, one element per run."""
+    return [
+        [r.id for r in runs], [r.kind for r in runs], [r.name for r in runs],
+        [r.namespace for r in runs], [r.queue for r in runs], [r.state for r in runs],
+        [r.priority for r in runs], [r.run_at if r.state == SCHEDULED else None for r in runs],
+        [r.max_attempts for r in runs], [r.timeout for r in runs],
+        [r.correlation_key for r in runs], [r.concurrency_key for r in runs],
+        [r.parent_id for r in runs], [r.input for r in runs], [r.attributes for r in runs],
+        [r.step for r in runs], [r.state_data for r in runs], [r.rate_limit for r in runs],
+        [r.weight for r in runs], [r.version for r in runs],
+    ]  # fmt: skip
+
+
 def _outcome_arrays(outcomes: Sequence[Outcome]) -> list[list[Any]]:
     """The arrays every commit statement starts with ($1..$7)."""
     return [
@@ -248,15 +262,7 @@ class PostgresStore(Store):
                 inputs,
             )  # fmt: skip
         else:
-            row = await self.pool.fetchrow(
-                Q["insert_runs"], ids, [r.kind for r in runs], names,
-                [r.namespace for r in runs], queues, states, priorities, run_ats, attempts,
-                [r.timeout for r in runs], [r.correlation_key for r in runs],
-                [r.concurrency_key for r in runs], [r.parent_id for r in runs], inputs,
-                [r.attributes for r in runs], [r.step for r in runs],
-                [r.state_data for r in runs], [r.rate_limit for r in runs],
-                [r.weight for r in runs], [r.version for r in runs],
-            )  # fmt: skip
+            row = await self.pool.fetchrow(Q["insert_runs"], *_insert_arrays(runs))
         return set(row["ids"]), row["wake"]
 
     async def _copy_plain(self, runs: Sequence[NewRun]) -> tuple[set[str], str | None] | None:
@@ -448,6 +454,18 @@ class PostgresStore(Store):
             for e in await self.pool.fetch(Q["load_events"], ids):
                 result[e["run_id"]].events.append(EventRow(e["seq"], e["kind"], loads(e["data"])))
         return result
+
+    async def insert_with_journal(
+        self, run: NewRun, events: Sequence[tuple[int, str, str]]
+    ) -> None:
+        async with self.pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(Q["insert_runs"], *_insert_arrays([run]))
+            await con.execute(
+                Q["append_events"], run.id, [e[0] for e in events], [e[1] for e in events],
+                [e[2] for e in events],
+            )  # fmt: skip
+        if row["wake"]:
+            await self.notify(row["wake"])
 
     async def send_signal(
         self,

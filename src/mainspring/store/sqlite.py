@@ -362,6 +362,20 @@ class SqliteStore(Store):
 
     # -- signals and rate limits -------------------------------------------------
 
+    async def insert_with_journal(
+        self, run: NewRun, events: Sequence[tuple[int, str, str]]
+    ) -> None:
+        rows = _json([[run.id, seq, kind, data] for seq, kind, data in events])
+
+        def insert(con: sqlite3.Connection) -> list[sqlite3.Row]:
+            now = time.time()
+            inserted = _insert_runs(con, now, [run])
+            con.execute(Q["append_events"], {"events": rows, "now": now})
+            return inserted
+
+        inserted = await self._write(insert)
+        await self._wake({_wake_queue(r) for r in inserted})
+
     async def send_signal(
         self,
         run_id: str | None,

@@ -10,7 +10,12 @@ order, so the code takes the same path without re-running any effect.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+from mainspring import payload
+
+if TYPE_CHECKING:
+    from mainspring.store.base import EventRow
 
 # command events (data: {"cmd": n, ...})
 ACTIVITY: Final = "activity_scheduled"  # name, child
@@ -42,3 +47,14 @@ COMMANDS: Final = frozenset({ACTIVITY, CHILD, TIMER, WAIT_SIGNAL, VALUE, PATCH, 
 RESOLUTIONS: Final = frozenset(
     {ACTIVITY_DONE, CHILD_DONE, TIMER_FIRED, SIGNAL_RECEIVED, SIGNAL_TIMED_OUT, CANCEL_REQUESTED}
 )
+
+
+def reset_journal(journal: list[EventRow], to_event: int) -> list[tuple[int, str, str]]:
+    """The journal a reset run starts from: entries up to `to_event`, renumbered, without
+    the commands that had no result by then (the new run issues those again)."""
+    kept = [e for e in journal if e.seq <= to_event]
+    resolved = {e.data.get("cmd") for e in kept if e.kind in RESOLUTIONS}
+    waiting = (ACTIVITY, CHILD, TIMER, WAIT_SIGNAL)
+    kept = [e for e in kept if not (e.kind in waiting and e.data.get("cmd") not in resolved)]
+    kept = [e for e in kept if e.kind != CANCEL_REQUESTED]
+    return [(i, e.kind, payload.dumps(e.data)) for i, e in enumerate(kept, start=1)]

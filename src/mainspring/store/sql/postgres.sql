@@ -359,6 +359,11 @@ SELECT run_id, seq, kind, data::text AS data FROM ms_events
 WHERE run_id = ANY($1::text[])
 ORDER BY run_id, seq
 
+-- append_events --
+-- Append journal entries to run $1 ($2 seqs, $3 kinds, $4 data).
+INSERT INTO ms_events (run_id, seq, kind, data)
+SELECT $1, e.seq, e.kind, e.data FROM unnest($2::int[], $3::text[], $4::json[]) AS e(seq, kind, data)
+
 -- send_signal --
 -- Deliver a signal ($2 id, $3 name, $4 payload, $5 dedup key) to run $1, or to
 -- the live run holding correlation key $6. The target row is locked first, so
