@@ -458,3 +458,32 @@ async def test_reset_replays_a_prefix_and_continues_live(app: ms.App) -> None:
     assert (await old.get_async()).state == "cancelled"
     assert (await new.get_async()).attributes["reset_from"] == old.id
     assert calls == ["first", "second", "second"]  # "first" came from the copied journal
+
+
+@aio
+async def test_activities_heartbeat_progress_for_the_next_attempt(app: ms.App) -> None:
+    seen: list[Any] = []
+
+    @app.task(name="long_copy", max_attempts=2, backoff=ms.Backoff.constant(0.01))
+    async def long_copy(total: int) -> int:
+        ctx = ms.current_run()
+        seen.append(ctx.heartbeat_details)
+        start = (ctx.heartbeat_details or {}).get("done", 0)
+        for done in range(start + 1, total + 1):
+            assert await ctx.heartbeat({"done": done})
+            if ctx.attempt == 1 and done == 3:
+                raise RuntimeError("node lost")  # the next attempt resumes from 3
+        return total
+
+    @app.task(name="sync_beat")
+    def sync_beat() -> bool:
+        return ms.current_run().heartbeat_sync({"thread": True})
+
+    @app.workflow(name="copier")
+    async def copier(wf: ms.Workflow, input: None) -> list[Any]:
+        return [await wf.activity(long_copy, 5), await wf.activity(sync_beat)]
+
+    handle = await app.start_async(copier)
+    async with running(app, concurrency=4):
+        assert await handle.result_async(timeout=10) == [5, True]
+    assert seen == [None, {"done": 3}]

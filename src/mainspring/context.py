@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
 
 from mainspring.errors import MainspringError
 
 
 @dataclass(frozen=True, slots=True)
 class RunContext:
-    """The run a handler is executing: its id, attempt and the node running it."""
+    """The run a handler is executing: its id, attempt and the node running it.
+
+    A long handler calls `await heartbeat(details)` (`heartbeat_sync` from a
+    sync handler): its lease is pushed out now, and `details` (JSON) is kept on
+    the run, so the next attempt after a crash reads it as `heartbeat_details`
+    and can resume where the last one got to.
+    """
 
     id: str
     name: str
@@ -18,6 +27,22 @@ class RunContext:
     attempt: int
     max_attempts: int
     node: str
+    heartbeat_details: Any = None
+    _beat: Callable[[Any], Coroutine[Any, Any, bool]] | None = field(default=None, repr=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
+
+    async def heartbeat(self, details: Any = None) -> bool:
+        """Record progress and extend the lease; False when the run is no longer this node's."""
+        if self._beat is None:
+            raise MainspringError("heartbeats are for task handlers (jobs and activities)")
+        return await self._beat(details)
+
+    def heartbeat_sync(self, details: Any = None) -> bool:
+        """`heartbeat` from a sync handler (it runs in a worker thread)."""
+        if self._beat is None or self._loop is None:
+            raise MainspringError("heartbeats are for task handlers (jobs and activities)")
+        future = asyncio.run_coroutine_threadsafe(self._beat(details), self._loop)
+        return bool(future.result(timeout=30))
 
 
 _current: contextvars.ContextVar[RunContext] = contextvars.ContextVar("mainspring_run")

@@ -440,6 +440,15 @@ class Worker:
         finally:
             _current.reset(token)
 
+    async def _heartbeat_run(self, run: Claimed, details: Any) -> bool:
+        """A handler's heartbeat: keep its progress on the run and push out its lease."""
+        held = await self.store.heartbeat_run(
+            run.id, run.fence, payload.dumps(details), self.lease_ttl
+        )
+        if not held:
+            self._lose(run.id, "heartbeat", run.fence)
+        return held
+
     async def _workflow_task(self, run: Claimed) -> Outcome:
         if self._workflows is None:
             from mainspring.workflows.runner import WorkflowRunner
@@ -451,9 +460,13 @@ class Worker:
         args = run.input.get("args", ())
         kwargs = run.input.get("kwargs", {})
         timeout = run.timeout
+        details = payload.loads(run.state_data) if run.state_data else None
         token = _current.set(
-            RunContext(run.id, run.name, run.queue, run.attempt, run.max_attempts, self.name)
-        )
+            RunContext(
+                run.id, run.name, run.queue, run.attempt, run.max_attempts, self.name, details,
+                functools.partial(self._heartbeat_run, run), asyncio.get_running_loop(),
+            )
+        )  # fmt: skip
         try:
             if task.executor == "process":
                 assert self._procpool is not None

@@ -299,6 +299,13 @@ class Store(abc.ABC):
     ) -> set[str]:
         """Extend the leases of (id, fence) pairs this node holds; returns the ids still held."""
 
+    @abc.abstractmethod
+    async def heartbeat_run(
+        self, run_id: str, fence: int, details_json: str, lease_ttl: float
+    ) -> bool:
+        """A job's heartbeat: keep `details` on the run (state_data) and extend its lease,
+        under its fence; False when the run is no longer held."""
+
     # -- timers and recovery ---------------------------------------------------
 
     @abc.abstractmethod

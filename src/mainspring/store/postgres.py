@@ -512,6 +512,14 @@ class PostgresStore(Store):
         rows = await self.pool.fetch(Q["rate_limit_status"], name)
         return [BucketStatus(r["key"], float(r["tokens"]), int(r["waiting"])) for r in rows]
 
+    async def heartbeat_run(
+        self, run_id: str, fence: int, details_json: str, lease_ttl: float
+    ) -> bool:
+        row = await (await self.relaxed()).fetchval(
+            Q["heartbeat_run"], run_id, fence, details_json, lease_ttl
+        )
+        return row is not None
+
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
     ) -> set[str]:

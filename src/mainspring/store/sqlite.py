@@ -444,6 +444,17 @@ class SqliteStore(Store):
         )
         return [BucketStatus(r["key"], float(r["tokens"]), int(r["waiting"])) for r in rows]
 
+    async def heartbeat_run(
+        self, run_id: str, fence: int, details_json: str, lease_ttl: float
+    ) -> bool:
+        params = {"id": run_id, "fence": fence, "details": details_json, "ttl": lease_ttl}
+
+        def beat(con: sqlite3.Connection) -> bool:
+            params["now"] = time.time()
+            return con.execute(Q["heartbeat_run"], params).fetchone() is not None
+
+        return await self._write(beat)
+
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
     ) -> set[str]:

@@ -400,6 +400,12 @@ SELECT id FROM ms_runs
 WHERE correlation_key = $1 AND state IN ('completed', 'failed', 'cancelled')
 LIMIT 1
 
+-- heartbeat_run --
+-- A job's heartbeat ($1 id, $2 fence): keep its details and extend its lease.
+UPDATE ms_runs SET state_data = $3::json, lease_expires_at = now() + make_interval(secs => $4)
+WHERE id = $1 AND fence = $2 AND kind = 'job'
+RETURNING id
+
 -- extend_leases --
 -- Push out the leases this node ($3) still holds under their fence; returns the
 -- ids it no longer holds. Rows locked right now (a commit of this node is

@@ -242,6 +242,12 @@ SET signal_seq = signal_seq + 1,
 WHERE id = :id
 RETURNING state, queue
 
+-- heartbeat_run --
+-- A job's heartbeat: keep its details and extend its lease, under its fence.
+UPDATE ms_runs SET state_data = :details, lease_expires_at = :now + :ttl
+WHERE id = :id AND fence = :fence AND kind = 'job'
+RETURNING id
+
 -- extend_leases --
 -- Push out the leases this node still holds (a JSON array of [id, fence]).
 UPDATE ms_runs
