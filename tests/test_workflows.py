@@ -213,7 +213,9 @@ async def test_failures_continue_as_new_and_idempotent_start(app: ms.App) -> Non
 
     handled = await app.start_async(careful, id="careful-1")
     again = await app.start_async(careful, id="careful-1")
-    assert again.id == handled.id and not again.created
+    assert again.id == handled.id and (handled.status, again.status) == ("started", "existing")
+    keyed = await app.start_async(careful, idempotency_key="order-9")
+    assert (await app.start_async(careful, idempotency_key="order-9")).id == keyed.id
     failing = await app.start_async(broken)
     chain = await app.start_async(counter, 0)
     later = await app.schedule_at_async(counter, 3, datetime.now(UTC) + timedelta(seconds=0.3))

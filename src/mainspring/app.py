@@ -13,6 +13,7 @@ import inspect
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class Call:
         )
 
 
+_IDEMPOTENCY = uuid.UUID("6d61696e-7370-7269-6e67-000000000001")  # namespace of start keys
+
+
 class RunHandle:
     """A reference to one run; `created` is False when an existing run was returned (dedup)."""
 
@@ -157,6 +161,11 @@ class RunHandle:
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+    @property
+    def status(self) -> str:
+        """ "started" for a new run, "existing" when an existing one was returned."""
+        return "started" if self.created else "existing"
 
     def get(self) -> Run:
         return self.app.get_run(self.id)
@@ -522,15 +531,25 @@ class App:
         input: Any = None,
         *,
         id: str | None = None,
+        idempotency_key: str | None = None,
         namespace: str | None = None,
         attributes: dict[str, Any] | None = None,
         queue: str | None = None,
         run_at: datetime | None = None,
     ) -> RunHandle:
-        """Start a workflow run; with an `id` that exists already, its handle (not created)."""
+        """Start a workflow run; returns its handle.
+
+        With an `id` (or an `idempotency_key`, which names the run id
+        deterministically) that exists already, the existing run's handle is
+        returned instead (`handle.created` is False, `handle.status` "existing").
+        """
         from mainspring.workflows.workflow import _definition_of
 
         definition = _definition_of(self, workflow)
+        if idempotency_key is not None:
+            if id is not None:
+                raise ConfigError("pass either id or idempotency_key, not both")
+            id = str(uuid.uuid5(_IDEMPOTENCY, f"{definition.name}\x1f{idempotency_key}"))
         if id is not None:
             existing = await (await self.store()).get_run(id)
             if existing is not None:
