@@ -440,7 +440,7 @@ class PostgresStore(Store):
         self, run_ids: Sequence[str], *, events: bool = False
     ) -> dict[str, StepData]:
         ids = list(run_ids)
-        rows = await self.pool.fetch(Q["load_step_data"], ids)
+        rows = await self.pool.fetch(Q["load_step_data"], ids, events)
         loads = payload.loads
         result = {}
         for row in rows:
@@ -449,10 +449,8 @@ class PostgresStore(Store):
                 for i, n, p, t in loads(row["inbox"])
             ]
             children = [ChildRow(*c) for c in loads(row["children"])]
-            result[row["id"]] = StepData(inbox, children)
-        if events:
-            for e in await self.pool.fetch(Q["load_events"], ids):
-                result[e["run_id"]].events.append(EventRow(e["seq"], e["kind"], loads(e["data"])))
+            journal = [EventRow(*e) for e in loads(row["events"])] if events else []
+            result[row["id"]] = StepData(inbox, children, journal)
         return result
 
     async def insert_with_journal(

@@ -342,8 +342,14 @@ UNION ALL SELECT 'parent', id, state, queue FROM fanin
 UNION ALL SELECT 'child', id, state, queue FROM kids
 
 -- load_step_data --
--- Each run's unconsumed inbox and its children, as JSON, in one round trip.
+-- Each run's unconsumed inbox and its children (and with $2 its journal), as
+-- JSON, in one round trip.
 SELECT t.id,
+       CASE WHEN $2::bool THEN
+           (SELECT coalesce(json_agg(json_build_array(e.seq, e.kind, e.data) ORDER BY e.seq),
+                            '[]'::json)
+            FROM ms_events e WHERE e.run_id = t.id)::text
+       END AS events,
        (SELECT coalesce(json_agg(json_build_array(s.id, s.name, s.payload,
                                                   extract(epoch FROM s.created_at)) ORDER BY s.id),
                         '[]'::json)
@@ -352,12 +358,6 @@ SELECT t.id,
                                  ORDER BY c.id), '[]'::json)
         FROM ms_runs c WHERE c.parent_id = t.id)::text AS children
 FROM unnest($1::text[]) AS t(id)
-
--- load_events --
--- The journals of these runs, in seq order.
-SELECT run_id, seq, kind, data::text AS data FROM ms_events
-WHERE run_id = ANY($1::text[])
-ORDER BY run_id, seq
 
 -- append_events --
 -- Append journal entries to run $1 ($2 seqs, $3 kinds, $4 data).
