@@ -122,11 +122,19 @@ def all_completed(app: ms.App, ids: set[str]) -> dict[str, ms.Run] | None:
 def test_sigkill_mid_batch_loses_no_run(db_url: str, client: ms.App, nodes: Nodes) -> None:
     n = 300
     work = client.tasks["crash.work"]
-    ids = {h.id for h in client.enqueue_many(work.call(i, 0.03) for i in range(n))}
+    # Uneven durations keep A's slots out of step, so some run is always in flight.
+    calls = (work.call(i, 0.02 + (i % 7) * 0.01) for i in range(n))
+    ids = {h.id for h in client.enqueue_many(calls)}
     assert len(ids) == n
 
     a = nodes.start(db_url, "A", concurrency=8)
-    wait_until(lambda: len(nodes.records("done", node="A")) >= 60, 30, "A to finish 60 runs", nodes)
+
+    def busy_after_60() -> bool:
+        if len(nodes.records("done", node="A")) < 60:
+            return False
+        return any(r.state == "running" for r in client.list_runs(state="running", limit=1))
+
+    wait_until(busy_after_60, 30, "A to finish 60 runs and hold more", nodes, interval=0.001)
     a.send_signal(signal.SIGKILL)
     assert a.wait(timeout=10) == -signal.SIGKILL
 

@@ -15,6 +15,7 @@ from mainspring.errors import ConfigError
 from mainspring.ids import uuid7
 from mainspring.run import AVAILABLE, SCHEDULED, NewRun
 from mainspring.signals import Signals
+from mainspring.store.base import ChildRow
 
 if TYPE_CHECKING:
     from mainspring.app import App, RunHandle
@@ -22,16 +23,8 @@ if TYPE_CHECKING:
 KIND = "machine"
 
 
-@dataclass(frozen=True, slots=True)
-class ChildRun:
-    """A child as its parent sees it after a Spawn."""
-
-    id: str
-    kind: str
-    name: str
-    state: str
-    output: Any
-    error: dict[str, Any] | None
+# A child as its parent sees it after a Spawn: id, kind, name, state, output, error.
+ChildRun = ChildRow
 
 
 @dataclass(frozen=True, slots=True)

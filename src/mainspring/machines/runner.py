@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from mainspring import payload
 from mainspring.app import Call
 from mainspring.errors import MainspringError
-from mainspring.machines.machine import ChildRun, ChildSpec, MachineDef, StepContext
+from mainspring.machines.machine import ChildSpec, MachineDef, StepContext
 from mainspring.machines.outcomes import Await, Done, Next, Retry, Spawn, Stop
 from mainspring.ratelimits import bucket_key, limit_name
 from mainspring.run import (
@@ -113,7 +113,7 @@ class MachineRunner:
         ctx = StepContext(
             run_id=run.id, machine=definition.name, step=step, attempt=run.attempt,
             max_attempts=run.max_attempts, node=self.worker.name, awaited=awaited, inbox=inbox,
-            children=[ChildRun(*dataclasses.astuple(c)) for c in data.children],
+            children=list(data.children),
         )  # fmt: skip
         state = definition.decode_state(payload.loads(run.state_data))
         result = await self._call(definition, step, ctx, state)
