@@ -21,11 +21,9 @@ Measurement
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,18 +34,17 @@ from typing import Any, Final
 import mainspring as ms
 from mainspring.app import App
 from mainspring.bench.jobs import (
-    _SRC,
     BATCH,
     Check,
     _backend_name,
     _BenchApp,
-    _Child,
     _Databases,
     _fmt_rate,
     _machine_info,
     _Probe,
     _rate,
 )
+from mainspring.bench.worker import spawn, worker_main
 
 MACHINE: Final = "bench.three"
 STEPS: Final = 3  # committed step outcomes per machine: a -> b, b -> c, c -> done
@@ -168,7 +165,11 @@ async def _measure(dbs: _Databases, r: MachinesBenchResult) -> None:
                 )
             r.start_per_s = _rate(r.machines, time.perf_counter() - started)
             await dbs.analyze(url)
-            child = await _spawn_worker(url, r.concurrency, timeout=max(300.0, r.machines / 100))
+            timeout = max(300.0, r.machines / 100)
+            child = await spawn(
+                "mainspring.bench.machines", "_worker", "--url", url,
+                "--concurrency", str(r.concurrency), "--timeout", str(timeout),
+            )  # fmt: skip
             try:
                 data = await child.result(timeout=max(330.0, r.machines / 100 + 30))
             finally:
@@ -230,50 +231,9 @@ def render(result: MachinesBenchResult, fmt: str = "table") -> str:
 # --------------------------------------------------------------------------- worker process
 
 
-async def _spawn_worker(url: str, concurrency: int, timeout: float) -> _Child:
-    """Start ``python -m mainspring.bench.machines _worker`` on `url`."""
-    argv = ["_worker", "--url", url, "--concurrency", str(concurrency), "--timeout", str(timeout)]
-    path = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
-    spawned = time.time()
-    pipe = asyncio.subprocess.PIPE
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mainspring.bench.machines", *argv, stdin=asyncio.subprocess.DEVNULL,
-        stdout=pipe, stderr=pipe, env={**os.environ, "PYTHONPATH": path},
-    )  # fmt: skip
-    return _Child(proc, spawned)
-
-
-async def _drain(url: str, concurrency: int, timeout: float) -> dict[str, Any]:
-    """Run one burst worker until no machine is left; its probe's figures."""
-    probe = _Probe()
-    app = _bench_app(url, probe)
-    error: str | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            await app.run_worker_async(
-                concurrency=concurrency, burst=True, install_signal_handlers=False
-            )
-    except TimeoutError:
-        error = f"worker timed out after {timeout:g} s"
-    out = probe.to_dict()
-    out["error"] = error
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The worker subprocess's entry point (internal)."""
-    parser = argparse.ArgumentParser(prog="python -m mainspring.bench.machines")
-    parser.add_argument("command", choices=("_worker",))
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--concurrency", type=int, default=500)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out = asyncio.run(_drain(ns.url, ns.concurrency, ns.timeout))
-    except Exception as exc:
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(out), flush=True)
-    return 0 if out.get("error") is None else 1
+    return worker_main("python -m mainspring.bench.machines", _bench_app, argv)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ Measurement
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,12 +38,10 @@ from typing import Any, Final
 import mainspring as ms
 from mainspring.app import App
 from mainspring.bench.jobs import (
-    _SRC,
     BATCH,
     Check,
     _backend_name,
     _BenchApp,
-    _Child,
     _Databases,
     _fmt_rate,
     _machine_info,
@@ -53,6 +49,7 @@ from mainspring.bench.jobs import (
     _rate,
     _ratio,
 )
+from mainspring.bench.worker import spawn, worker_main
 from mainspring.store.base import Store
 from mainspring.workflows.workflow import WorkflowDef
 
@@ -239,7 +236,7 @@ async def _measure(dbs: _Databases, r: WorkflowsBenchResult) -> None:
             expected = await _start(store, definition, r)
             await dbs.analyze(url)
             limit = max(300.0, r.workflows / 20)
-            child = await _spawn(
+            child = await spawn(
                 "mainspring.bench.workflows", "_worker", "--url", url,
                 "--concurrency", str(r.concurrency), "--timeout", str(limit),
             )  # fmt: skip
@@ -279,7 +276,7 @@ async def _run_dbos(server: str, workflows: int) -> DbosFigures:
     """DBOS Transact on `server` with its benchmark defaults; a failure is returned, not raised."""
     limit = max(600.0, workflows / 5)
     try:
-        child = await _spawn(
+        child = await spawn(
             "mainspring.bench.dbos_peer", "--dsn", server, "--workflows", str(workflows),
             "--timeout", str(limit),
         )  # fmt: skip
@@ -293,18 +290,6 @@ async def _run_dbos(server: str, workflows: int) -> DbosFigures:
         workflows_per_s=data["workflows_per_s"], elapsed_s=data["elapsed"],
         completed=data["completed"], config=data["config"],
     )  # fmt: skip
-
-
-async def _spawn(module: str, *argv: str) -> _Child:
-    """``python -m module *argv`` with this checkout importable; its JSON line via the child."""
-    path = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
-    spawned = time.time()
-    pipe = asyncio.subprocess.PIPE
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, *argv, stdin=asyncio.subprocess.DEVNULL,
-        stdout=pipe, stderr=pipe, env={**os.environ, "PYTHONPATH": path},
-    )  # fmt: skip
-    return _Child(proc, spawned)
 
 
 def render(result: WorkflowsBenchResult, fmt: str = "table") -> str:
@@ -348,35 +333,9 @@ def render(result: WorkflowsBenchResult, fmt: str = "table") -> str:
 # --------------------------------------------------------------------------- worker process
 
 
-async def _drain(url: str, concurrency: int, timeout: float) -> dict[str, Any]:
-    """Run one burst worker until no workflow is left; its probe's figures."""
-    probe = _Probe()
-    app = _bench_app(url, probe)
-    error: str | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            await app.run_worker_async(
-                concurrency=concurrency, burst=True, install_signal_handlers=False
-            )
-    except TimeoutError:
-        error = f"worker timed out after {timeout:g} s"
-    return {**probe.to_dict(), "error": error}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The worker subprocess's entry point (internal)."""
-    parser = argparse.ArgumentParser(prog="python -m mainspring.bench.workflows")
-    parser.add_argument("command", choices=("_worker",))
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--concurrency", type=int, default=500)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out = asyncio.run(_drain(ns.url, ns.concurrency, ns.timeout))
-    except Exception as exc:
-        out = {"error": f"{type(exc).__name__}: {exc}"}
-    print(json.dumps(out), flush=True)
-    return 0 if out.get("error") is None else 1
+    return worker_main("python -m mainspring.bench.workflows", _bench_app, argv)
 
 
 if __name__ == "__main__":

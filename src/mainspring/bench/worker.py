@@ -1,0 +1,60 @@
+"""The worker subprocess the model benchmarks (machines, workflows) start and read."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mainspring.app import App
+from mainspring.bench.jobs import _SRC, _Child, _Probe
+
+BuildApp = Callable[[str, _Probe], App]
+
+
+async def spawn(module: str, *argv: str) -> _Child:
+    """``python -m module *argv`` with this checkout importable; its JSON line via the child."""
+    path = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH", "")) if p)
+    spawned = time.time()
+    pipe = asyncio.subprocess.PIPE
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *argv, stdin=asyncio.subprocess.DEVNULL,
+        stdout=pipe, stderr=pipe, env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    return _Child(proc, spawned)
+
+
+async def drain(build_app: BuildApp, url: str, concurrency: int, timeout: float) -> dict[str, Any]:
+    """Run one burst worker until no run is left; its probe's figures (and an error, if any)."""
+    probe = _Probe()
+    app = build_app(url, probe)
+    error: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            await app.run_worker_async(
+                concurrency=concurrency, burst=True, install_signal_handlers=False
+            )
+    except TimeoutError:
+        error = f"worker timed out after {timeout:g} s"
+    return {**probe.to_dict(), "error": error}
+
+
+def worker_main(prog: str, build_app: BuildApp, argv: Sequence[str] | None = None) -> int:
+    """A benchmark's worker subprocess: drain, print one JSON line, exit non-zero on error."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("command", choices=("_worker",))
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--concurrency", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = asyncio.run(drain(build_app, ns.url, ns.concurrency, ns.timeout))
+    except Exception as exc:
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(out), flush=True)
+    return 0 if out.get("error") is None else 1
