@@ -827,15 +827,26 @@ class App:
         return self._sync(self.retry_async(run_id))
 
     async def result_async(self, run_id: str, timeout: float | None = 30.0) -> Any:
-        """Wait until the run is terminal; its output, or RunFailed, or TimeoutError."""
+        """Wait until the run is terminal; its output, or RunFailed, or TimeoutError.
+
+        A workflow that continued as new is followed to the run that finished the chain.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
             run = await self.get_run_async(run_id)
             if run.state in TERMINAL:
-                if run.state == "completed":
-                    return run.output
-                raise RunFailed(run.id, run.state, run.error)
+                if run.state != "completed":
+                    raise RunFailed(run.id, run.state, run.error)
+                output = run.output
+                if (
+                    run.kind == "workflow"
+                    and isinstance(output, dict)
+                    and (list(output) == ["continued_as_new"])
+                ):
+                    run_id, pause = output["continued_as_new"], 0.002
+                    continue
+                return output
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"run {run_id} still {run.state} after {timeout} s; "
