@@ -12,17 +12,26 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 
 class WorkerProcesses:
-    """Worker processes of one test running `script`, their shared record file and their logs."""
+    """Worker processes of one test running `script`, their shared record file and their logs.
+
+    As a context manager it kills whatever still runs on exit (a fixture's teardown).
+    """
 
     def __init__(self, directory: Path, script: Path) -> None:
         self.dir = directory
         self.script = script
         self.record_file = directory / "records.jsonl"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cleanup()
 
     def spawn(self, node: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `python script` as `node` with this environment; its output goes to its log."""

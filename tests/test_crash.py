@@ -71,11 +71,8 @@ class Nodes(WorkerProcesses):
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Nodes]:
-    cluster = Nodes(tmp_path)
-    try:
+    with Nodes(tmp_path) as cluster:
         yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.fixture

@@ -264,11 +264,8 @@ def check(observed: Observed, expected: Prediction) -> None:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    processes = Workers(tmp_path)
-    try:
+    with Workers(tmp_path) as processes:
         yield processes
-    finally:
-        processes.cleanup()
 
 
 def test_machine_runs_as_the_model_predicts(db_url: str, workers: Workers) -> None:

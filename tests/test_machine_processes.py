@@ -27,11 +27,8 @@ BURST = RATE  # the bucket "api" holds at most RATE tokens
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    processes = Workers(tmp_path)
-    try:
+    with Workers(tmp_path) as processes:
         yield processes
-    finally:
-        processes.cleanup()
 
 
 @pytest.fixture

@@ -33,11 +33,8 @@ HOLD = 60.0  # the first attempt of activity "held" outlives worker A
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
-    processes = Workers(tmp_path)
-    try:
+    with Workers(tmp_path) as processes:
         yield processes
-    finally:
-        processes.cleanup()
 
 
 @pytest.fixture

@@ -248,9 +248,10 @@ RETURNING r.id
 -- The general commit, for batches with machine steps or runs that have a
 -- parent: outcomes as in commit_outcomes plus each step's columns ($8..$18,
 -- written when has_step), the signals it consumed ($19 run ids, $20 signal
--- ids), and the children it spawned ($21..$38). In one statement, only for the
--- runs whose fence matched: a park whose run got a signal since the claim
--- (signal_seq moved past seen_seq) becomes available so the await is
+-- ids), the children it spawned ($21..$40, as in insert_runs) and its journal
+-- entries ($41..$44). In one statement, only for the runs whose fence
+-- matched: a park whose run got a signal since the claim (signal_seq moved
+-- past seen_seq) becomes available so the await is
 -- re-checked; terminal runs have their inbox cleared and count toward their
 -- parent's fan-in (the parent's row lock serializes concurrent last children,
 -- so exactly one of them wakes it); buckets of rate-limited steps are created.
@@ -300,17 +301,21 @@ WITH o AS (
     WHERE s.target_id = upd.id AND upd.state IN ('completed', 'failed', 'cancelled')
       AND s.consumed_at IS NULL
 ), kids AS (
-    INSERT INTO ms_runs (id, kind, name, queue, state, priority, run_at, max_attempts, parent_id,
-                         input, step, state_data, rate_limit, weight, version, concurrency_key,
-                         timeout)
-    SELECT k.id, k.kind, k.name, k.queue, k.state, k.priority, coalesce(k.run_at, now()),
-           k.max_attempts, k.parent_id, k.input, k.step, k.state_data, k.rate_limit, k.weight,
-           k.version, k.concurrency_key, k.timeout
-    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::int[],
-                $27::timestamptz[], $28::int[], $29::text[], $30::json[], $31::text[],
-                $32::json[], $33::text[], $34::int[], $35::int[], $36::text[], $37::float8[])
-         AS k(id, kind, name, queue, state, priority, run_at, max_attempts, parent_id, input,
-              step, state_data, rate_limit, weight, version, concurrency_key, timeout)
+    -- the children's arrays are insert_runs' arrays, in its order
+    INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
+                         timeout, correlation_key, concurrency_key, parent_id, input, attributes,
+                         step, state_data, rate_limit, weight, version)
+    SELECT k.id, k.kind, k.name, k.namespace, k.queue, k.state, k.priority,
+           coalesce(k.run_at, now()), k.max_attempts, k.timeout, k.correlation_key,
+           k.concurrency_key, k.parent_id, k.input, k.attributes, k.step, k.state_data,
+           k.rate_limit, k.weight, k.version
+    FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[],
+                $27::int[], $28::timestamptz[], $29::int[], $30::float8[], $31::text[],
+                $32::text[], $33::text[], $34::json[], $35::jsonb[], $36::text[], $37::json[],
+                $38::text[], $39::int[], $40::int[])
+         AS k(id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
+              timeout, correlation_key, concurrency_key, parent_id, input, attributes,
+              step, state_data, rate_limit, weight, version)
     WHERE k.parent_id IN (SELECT id FROM upd)
     RETURNING id, state, queue, rate_limit
 ), fanin AS (
@@ -334,7 +339,7 @@ WITH o AS (
 ), journal AS (
     INSERT INTO ms_events (run_id, seq, kind, data)
     SELECT e.run_id, e.seq, e.kind, e.data
-    FROM unnest($38::text[], $39::int[], $40::text[], $41::json[]) AS e(run_id, seq, kind, data)
+    FROM unnest($41::text[], $42::int[], $43::text[], $44::json[]) AS e(run_id, seq, kind, data)
     WHERE e.run_id IN (SELECT id FROM upd)
 )
 SELECT 'run' AS what, id, state, queue FROM upd
