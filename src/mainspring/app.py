@@ -25,6 +25,7 @@ from mainspring import payload as _payload
 from mainspring.backoff import Backoff
 from mainspring.batching import InsertBatcher
 from mainspring.cron import Cron
+from mainspring.engine.loops import LoopKind, event_loop_factory
 from mainspring.errors import ConfigError, EncodeError, RunFailed, RunNotFound
 from mainspring.ids import uuid7
 from mainspring.portal import Portal
@@ -883,10 +884,16 @@ class App:
         queues: Iterable[str] | None = None,
         concurrency: int = 50,
         burst: bool = False,
+        *,
+        loop: LoopKind = "auto",
         **options: Any,
     ) -> None:
-        """Run a worker node in this thread until SIGTERM/SIGINT (or, with burst, until idle)."""
-        asyncio.run(self.run_worker_async(queues, concurrency, burst, **options))
+        """Run a worker node in this thread until SIGTERM/SIGINT (or, with burst, until idle).
+
+        `loop` "auto" runs it on uvloop when that is installed, else on asyncio's loop.
+        """
+        with asyncio.Runner(loop_factory=event_loop_factory(loop)) as runner:
+            runner.run(self.run_worker_async(queues, concurrency, burst, **options))
 
     async def run_worker_async(
         self,

@@ -45,12 +45,19 @@ class RunContext:
         return bool(future.result(timeout=30))
 
 
-_current: contextvars.ContextVar[RunContext] = contextvars.ContextVar("mainspring_run")
+# A RunContext, or (make, arg) that makes it on first use: most handlers never ask.
+_current: contextvars.ContextVar[RunContext | tuple[Callable[[Any], RunContext], Any]] = (
+    contextvars.ContextVar("mainspring_run")
+)
 
 
 def current_run() -> RunContext:
     """The run being executed; raises outside a handler."""
     try:
-        return _current.get()
+        value = _current.get()
     except LookupError:
         raise MainspringError("current_run() is only available inside a running task") from None
+    if isinstance(value, tuple):
+        value = value[0](value[1])
+        _current.set(value)
+    return value

@@ -26,8 +26,8 @@ Measurements
    runs are in flight); the worker's peak RSS (VmHWM from /proc, else psutil samples).
 7. **peers** (PostgreSQL): PgQueuer and Procrastinate through :mod:`mainspring.bench.peers`.
 
-Handlers run on the standard asyncio event loop by default (what ``app.run_worker`` uses);
-the peers use uvloop when it is importable, which favours them.
+The worker runs on the event loop ``app.run_worker`` picks (``loop="auto"``: uvloop when it
+is installed); the peers use uvloop when it is importable too.
 """
 
 from __future__ import annotations
@@ -53,11 +53,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import mainspring
 from mainspring.app import App, make_store
+from mainspring.engine.loops import LoopKind, event_loop_factory
 from mainspring.store.base import QueueDemand, Store
 
 if TYPE_CHECKING:
@@ -190,14 +191,14 @@ def run_jobs_bench(
     peers: bool = True,
     pending: int = 0,
     include_rss: bool = True,
-    loop: str = "asyncio",
+    loop: LoopKind = "auto",
 ) -> JobsBenchResult:
     """Run the job benchmark on `backend` ("postgres" or "sqlite") and return every figure.
 
     `url` is the PostgreSQL server (any database path; the benchmark uses its own database
     `ms_bench_<pid>` there) or, for SQLite, a file whose directory holds the temporary databases;
     None means the local server / the system temporary directory. `loop` is the worker's
-    event loop: "asyncio" (the default, what `app.run_worker` uses) or "uvloop".
+    event loop: "auto" (the default, what `app.run_worker` uses), "asyncio" or "uvloop".
     A measurement that fails is recorded in `errors` and the others still run.
     """
     backend = _backend_name(backend)
@@ -205,8 +206,7 @@ def run_jobs_bench(
         raise ValueError("jobs must be at least 1")
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    if loop not in ("asyncio", "uvloop"):
-        raise ValueError("loop must be 'asyncio' or 'uvloop'")
+    event_loop_factory(loop)  # validates it
     started = time.perf_counter()
     result = JobsBenchResult(backend=backend, jobs=jobs, concurrency=concurrency)
     result.machine = _machine_info(loop)
@@ -244,7 +244,13 @@ def _source_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def _machine_info(loop: str) -> dict[str, Any]:
+def _loop_name(loop: LoopKind) -> str:
+    """The event loop the worker subprocess will actually run on."""
+    factory = event_loop_factory(loop)
+    return "asyncio" if factory is None else "uvloop"
+
+
+def _machine_info(loop: LoopKind) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {
@@ -255,7 +261,7 @@ def _machine_info(loop: str) -> dict[str, Any]:
         "mainspring": mainspring.__version__,
         "asyncpg": version("asyncpg"),
         "sqlite": sqlite3.sqlite_version,
-        "worker_event_loop": loop,
+        "worker_event_loop": _loop_name(loop),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "db_version": None,
     }
@@ -541,7 +547,7 @@ class _WorkerOptions:
     checkpoints: list[int]
     expect: int
     timeout: float
-    loop: str
+    loop: LoopKind
 
 
 async def _worker_main(opts: _WorkerOptions) -> dict[str, Any]:
@@ -599,7 +605,7 @@ def _worker_cli(argv: Sequence[str]) -> int:
     parser.add_argument("--checkpoints", default="")
     parser.add_argument("--expect", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     ns = parser.parse_args(list(argv))
     opts = _WorkerOptions(
         url=ns.url,
@@ -609,15 +615,10 @@ def _worker_cli(argv: Sequence[str]) -> int:
         checkpoints=[int(c) for c in ns.checkpoints.split(",") if c],
         expect=ns.expect,
         timeout=ns.timeout,
-        loop=ns.loop,
+        loop=cast(LoopKind, ns.loop),
     )
-    factory = None
-    if opts.loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
     try:
-        with asyncio.Runner(loop_factory=factory) as runner:
+        with asyncio.Runner(loop_factory=event_loop_factory(opts.loop)) as runner:
             out = runner.run(_worker_main(opts))
     except Exception as exc:
         out = {"error": f"{type(exc).__name__}: {exc}"}

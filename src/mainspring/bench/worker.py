@@ -13,6 +13,7 @@ from typing import Any
 
 from mainspring.app import App
 from mainspring.bench.jobs import _SRC, _Child, _Probe
+from mainspring.engine.loops import event_loop_factory
 
 BuildApp = Callable[[str, _Probe], App]
 
@@ -53,7 +54,8 @@ def worker_main(prog: str, build_app: BuildApp, argv: Sequence[str] | None = Non
     parser.add_argument("--timeout", type=float, default=600.0)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        out = asyncio.run(drain(build_app, ns.url, ns.concurrency, ns.timeout))
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # as app.run_worker
+            out = runner.run(drain(build_app, ns.url, ns.concurrency, ns.timeout))
     except Exception as exc:
         out = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(out), flush=True)

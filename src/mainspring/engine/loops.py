@@ -1,4 +1,5 @@
-"""Supervision for the node's background loops: a crash is logged, reported and retried."""
+"""The node's event loop and the supervision of its background loops (a crash is logged,
+reported and retried)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,29 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from mainspring.telemetry import Telemetry
 
+LoopKind = Literal["auto", "asyncio", "uvloop"]
+
 log = logging.getLogger("mainspring.worker")
+
+
+def event_loop_factory(kind: LoopKind = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a worker runs on: uvloop when installed ("auto"; it is a dependency
+    where it builds: Linux and macOS), else asyncio's own (None). "uvloop" insists on it."""
+    if kind not in ("auto", "asyncio", "uvloop"):
+        raise ValueError(f"loop must be 'auto', 'asyncio' or 'uvloop', got {kind!r}")
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 async def supervise(

@@ -456,17 +456,18 @@ class Worker:
             self._workflows = WorkflowRunner(self)
         return await self._workflows.execute(run)
 
+    def _run_context(self, run: Claimed) -> RunContext:
+        details = payload.loads(run.state_data) if run.state_data else None
+        return RunContext(
+            run.id, run.name, run.queue, run.attempt, run.max_attempts, self.name, details,
+            functools.partial(self._heartbeat_run, run), self._loop,
+        )  # fmt: skip
+
     async def _invoke(self, task: Task[..., Any], run: Claimed) -> Any:
         args = run.input.get("args", ())
         kwargs = run.input.get("kwargs", {})
         timeout = run.timeout
-        details = payload.loads(run.state_data) if run.state_data else None
-        token = _current.set(
-            RunContext(
-                run.id, run.name, run.queue, run.attempt, run.max_attempts, self.name, details,
-                functools.partial(self._heartbeat_run, run), asyncio.get_running_loop(),
-            )
-        )  # fmt: skip
+        token = _current.set((self._run_context, run))
         try:
             if task.executor == "process":
                 assert self._procpool is not None

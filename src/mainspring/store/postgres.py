@@ -145,10 +145,14 @@ class PostgresStore(Store):
                 reset=_reset,
                 server_settings={
                     "application_name": "mainspring",
-                    # Claim and commit take arrays whose length the generic plan
-                    # cannot know; plan each with its real parameters. JIT only
-                    # costs compile time on these short statements.
-                    "plan_cache_mode": "force_custom_plan",
+                    # Plan each statement once per connection. A custom plan of the
+                    # claim or commit costs more than executing it (the planner
+                    # estimates `id = ANY($1)` element by element), and the generic
+                    # plans have the same shape: driven by the claim index and the
+                    # primary key. Partial-index predicates are constants in the SQL,
+                    # so generic plans can use them. JIT only costs compile time on
+                    # these short statements.
+                    "plan_cache_mode": "force_generic_plan",
                     "jit": "off",
                     **settings,
                 },
