@@ -91,7 +91,7 @@ def test_fan_in_of_200_children_finishing_together_runs_then_once(
     assert sorted(c["i"] for c in children) == list(range(n))
     assert {c["node"] for c in children} == {"w0", "w1", "w2", "w3"}
     finishes = sorted(c["t"] for c in children)
-    assert finishes[0] >= at
+    assert finishes[0] >= at - 0.005  # uvloop's timers have millisecond resolution
     # Finishing together is what makes the fan-in a race: most children end within 0.5 s.
     assert finishes[int(0.9 * n)] - at < 0.5, f"children finished over {finishes[-1] - at:.2f} s"
     parent = client.get_run(handle.id)
