@@ -48,13 +48,16 @@ class StepLoader:
         self.store = store
         self.events = events
         self._pending: dict[str, asyncio.Future[StepData]] = {}
+        self._after: dict[str, int] = {}
         self._scheduled = False
 
-    async def load(self, run_id: str) -> StepData:
+    async def load(self, run_id: str, after: int = 0) -> StepData:
+        """The run's step data; with `events`, its journal entries after seq `after`."""
         future = self._pending.get(run_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._pending[run_id] = future
+            self._after[run_id] = after
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -62,12 +65,16 @@ class StepLoader:
 
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, {}, False
-        task = asyncio.ensure_future(self._fetch(batch))
+        after, self._after = self._after, {}
+        task = asyncio.ensure_future(self._fetch(batch, after))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _fetch(self, batch: dict[str, asyncio.Future[StepData]]) -> None:
+    async def _fetch(
+        self, batch: dict[str, asyncio.Future[StepData]], after: dict[str, int]
+    ) -> None:
         try:
-            found = await self.store.load_step_data(list(batch), events=self.events)
+            since = [after[run_id] for run_id in batch] if any(after.values()) else []
+            found = await self.store.load_step_data(list(batch), events=self.events, after=since)
         except Exception as exc:
             for future in batch.values():
                 if not future.done():

@@ -148,6 +148,8 @@ def run_from_row(row: Any, when: Callable[[Any], datetime | None]) -> Run:
         deadline=when(row["deadline"]),
         children_pending=row["children_pending"],
         version=row["version"],
+        heartbeat_timeout=row["heartbeat_timeout"],
+        idempotency_key=row["idempotency_key"],
     )
 
 
@@ -248,10 +250,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False
+        self, run_ids: Sequence[str], *, events: bool = False, after: Sequence[int] = ()
     ) -> dict[str, StepData]:
         """The unconsumed inbox and the children of each run (with `events`, its journal
-        in seq order), in one round trip."""
+        in seq order: the entries after seq `after[i]`, all of them when `after` is empty),
+        in one round trip."""
 
     @abc.abstractmethod
     async def insert_with_journal(
@@ -303,8 +306,25 @@ class Store(abc.ABC):
     async def heartbeat_run(
         self, run_id: str, fence: int, details_json: str, lease_ttl: float
     ) -> bool:
-        """A job's heartbeat: keep `details` on the run (state_data) and extend its lease,
-        under its fence; False when the run is no longer held."""
+        """A job's heartbeat: keep `details` on the run (state_data), note its time (for a
+        heartbeat timeout) and extend its lease, under its fence; False when the run is no
+        longer held."""
+
+    @abc.abstractmethod
+    async def silent_runs(self, limit: int) -> list[Claimed]:
+        """Running runs with a heartbeat_timeout that have gone longer than it without a
+        heartbeat, counting from their claim (whatever their lease says), as claimed.
+
+        Nothing is written: the caller commits their failed attempt as an outcome
+        under the fence returned, so an owner's commit that got there first wins,
+        and the owner's later commit is refused.
+        """
+
+    @abc.abstractmethod
+    async def completed_output(self, name: str, idempotency_key: str) -> str | None:
+        """The output (JSON text) of a completed run of task `name` that held this
+        idempotency key, or None while no such run is kept (none completed, or GC
+        deleted it)."""
 
     # -- timers and recovery ---------------------------------------------------
 
@@ -422,8 +442,13 @@ class Store(abc.ABC):
         """Tell listening workers something happened (a queue name, or 'cancel:<id>')."""
 
     @abc.abstractmethod
-    async def listen(self, callback: Callable[[str], None]) -> bool:
-        """Call `callback(payload)` on notifications; False when the backend cannot push them."""
+    async def listen(self, callback: Callable[[str], None], node: str | None = None) -> bool:
+        """Call `callback(payload)` on notifications; False when the backend cannot push them.
+
+        With `node`, wake-ups routed to that node (a workflow run it parked, whose
+        live coroutine its cache holds, became available) arrive as '~claim'.
+        Routing is advisory: such runs stay claimable by every node.
+        """
 
     def listening(self) -> bool:
         """True while pushed notifications arrive (never, on a polling backend)."""
