@@ -47,6 +47,8 @@ M = TypeVar("M", bound="Machine")
 
 Executor = Literal["async", "thread", "process"]
 DEFAULT_URL = "sqlite:///mainspring.db"
+# live workflow runs a node keeps between their tasks, by default (about 1.5 MB per 100)
+DEFAULT_WORKFLOW_CACHE = 1000
 
 
 def make_store(url: str) -> Store:
@@ -343,7 +345,7 @@ class App:
         retention: float = 86_400.0,
         shutdown_grace: float = 25.0,
         process_pool_size: int | None = None,
-        workflow_cache_size: int = 1000,
+        workflow_cache_size: int = DEFAULT_WORKFLOW_CACHE,
     ) -> None:
         self.url = url or os.environ.get("MAINSPRING_DATABASE_URL") or DEFAULT_URL
         make_store(self.url)  # validates the URL now, not at first use

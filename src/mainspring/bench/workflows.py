@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import mainspring as ms
-from mainspring.app import App
+from mainspring.app import DEFAULT_WORKFLOW_CACHE, App
 from mainspring.bench.jobs import (
     BATCH,
     Check,
@@ -77,6 +77,7 @@ class WorkflowsBenchResult:
     backend: str
     workflows: int
     concurrency: int
+    workflow_cache: int = 0  # the worker's workflow_cache_size
     host: dict[str, Any] = field(default_factory=dict)
     start_per_s: float | None = None  # workflows inserted per second, in batches of BATCH
     completed: int = 0  # workflows completed with the right output
@@ -162,13 +163,16 @@ def run_workflows_bench(
     *,
     concurrency: int = 500,
     peers: bool = True,
+    workflow_cache: int | None = None,
 ) -> WorkflowsBenchResult:
     """Run `workflows` three-activity workflows to completion on `backend`; return the figures.
 
     `url` is as for :func:`mainspring.bench.jobs.run_jobs_bench`: the PostgreSQL server (the
     benchmark uses its own database there) or an SQLite file whose directory holds the
     temporary database. With `peers` on PostgreSQL, DBOS Transact runs the same workload on
-    the same server; its failure is recorded in `dbos.error`, not raised. Raises RuntimeError
+    the same server; its failure is recorded in `dbos.error`, not raised. `workflow_cache` sets
+    the worker's `App(workflow_cache_size=)` (None: the default; 0: replay every workflow
+    task, as before the cache). Raises RuntimeError
     when Mainspring's drain is inconsistent (a workflow or activity not completed, a wrong
     output, an activity run other than once).
     """
@@ -178,7 +182,10 @@ def run_workflows_bench(
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     started = time.perf_counter()
-    result = WorkflowsBenchResult(backend=backend, workflows=workflows, concurrency=concurrency)
+    result = WorkflowsBenchResult(
+        backend=backend, workflows=workflows, concurrency=concurrency,
+        workflow_cache=DEFAULT_WORKFLOW_CACHE if workflow_cache is None else workflow_cache,
+    )  # fmt: skip
     result.host = _machine_info("asyncio")
     dbs = _Databases(backend, url)
     try:
@@ -239,6 +246,7 @@ async def _measure(dbs: _Databases, r: WorkflowsBenchResult) -> None:
             child = await spawn(
                 "mainspring.bench.workflows", "_worker", "--url", url,
                 "--concurrency", str(r.concurrency), "--timeout", str(limit),
+                "--workflow-cache", str(r.workflow_cache),
             )  # fmt: skip
             try:
                 data = await child.result(timeout=limit + 30)
@@ -302,7 +310,8 @@ def render(result: WorkflowsBenchResult, fmt: str = "table") -> str:
     r, h = result, result.host
     title = (
         f"mainspring bench workflows: {r.backend}, {r.workflows:,} workflows of "
-        f"{len(ACTIVITIES)} activities, concurrency {r.concurrency}"
+        f"{len(ACTIVITIES)} activities, concurrency {r.concurrency}, workflow cache "
+        f"{r.workflow_cache:,}"
     )
     table = Table("metric", "rate", "ratio", "target", "")
     for c in r.checks():
