@@ -47,8 +47,10 @@ M = TypeVar("M", bound="Machine")
 
 Executor = Literal["async", "thread", "process"]
 DEFAULT_URL = "sqlite:///mainspring.db"
-# live workflow runs a node keeps between their tasks, by default (about 1.5 MB per 100)
-DEFAULT_WORKFLOW_CACHE = 1000
+# Live workflow runs a node keeps between their tasks, by default. A small workflow's
+# entry is about 5.5 KB (measured: two activities done, waiting for a signal), so a
+# full cache is some 55 MB; runs that hold large locals cost what they hold.
+DEFAULT_WORKFLOW_CACHE = 10_000
 
 
 def make_store(url: str) -> Store:
@@ -333,6 +335,11 @@ class App:
 
     The URL defaults to $MAINSPRING_DATABASE_URL, else sqlite:///mainspring.db in
     the working directory. Nothing connects until the first call that needs to.
+
+    `lease_ttl` is how long a dead node's runs wait before another node resumes
+    them. `workflow_cache_size` bounds the parked workflow runs each node keeps
+    live, so their next task continues the coroutine instead of replaying the
+    journal (an LRU; 0 replays every task; the database stays the authority).
     """
 
     def __init__(

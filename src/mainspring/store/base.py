@@ -241,7 +241,10 @@ class Store(abc.ABC):
         - the StepCommit's `events` are appended to the run's journal.
         A waiting workflow parent is woken by each child that finishes, not
         only the last.
-        Workers of queues that got available runs are woken.
+        Workers of queues that got available runs are woken. A committed workflow
+        run records the committing node as its sticky node; where the backend
+        pushes notifications, a wake-up of such a run (here, or by a signal, a
+        timer or a reaped child) goes to that node (see `listen`).
         """
 
     def take_throttled(self) -> list[Throttle]:
