@@ -427,6 +427,10 @@ def bench_machines(
     "--workflow-cache", type=int, default=None,
     help="The worker's workflow_cache_size (default: the App's; 0 replays every task).",
 )  # fmt: skip
+@click.option(
+    "--activities", "steps", type=int, default=3, show_default=True,
+    help="Activities per workflow, in sequence (DBOS runs only with 3).",
+)  # fmt: skip
 @format_option
 def bench_workflows(
     backend: str,
@@ -435,6 +439,7 @@ def bench_workflows(
     concurrency: int,
     peers: bool,
     workflow_cache: int | None,
+    steps: int,
     fmt: str,
 ) -> None:
     """Run three-activity workflows to completion; print workflows per second and the ratio
@@ -443,7 +448,7 @@ def bench_workflows(
 
     result = run_workflows_bench(
         backend, bench_url, workflows, concurrency=concurrency, peers=peers,
-        workflow_cache=workflow_cache,
+        workflow_cache=workflow_cache, steps=steps,
     )  # fmt: skip
     click.echo(render(result, fmt))
 
