@@ -253,11 +253,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False, after: Sequence[int] = ()
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
-        """The unconsumed inbox and the children of each run (with `events`, its journal
-        in seq order: the entries after seq `after[i]`, all of them when `after` is empty),
-        in one round trip."""
+        """The unconsumed inbox and the children of each run, in one round trip.
+
+        With `events`, each run's journal in seq order: the entries after seq
+        `after[i]` (all of them when `after` is empty). `children[i]`, when given
+        and not None, limits run i's children to those ids (a cached workflow
+        run needs only the ones it still waits for).
+        """
 
     @abc.abstractmethod
     async def insert_with_journal(

@@ -463,12 +463,19 @@ class PostgresStore(Store):
             await (con or self.pool).execute(Q["notify"], ",".join(queues))
 
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False, after: Sequence[int] = ()
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
         ids = list(run_ids)
+        only = [None if c is None else payload.dumps(list(c)) for c in children]
         rows = await self.pool.fetch(
-            Q["load_step_data"], ids, events, list(after) or [0] * len(ids)
-        )
+            Q["load_step_data"], ids, events, list(after) or [0] * len(ids),
+            only or [None] * len(ids),
+        )  # fmt: skip
         loads = payload.loads
         result = {}
         for row in rows:
@@ -476,9 +483,9 @@ class PostgresStore(Store):
                 SignalRow(i, n, p, datetime.fromtimestamp(t, UTC))
                 for i, n, p, t in loads(row["inbox"])
             ]
-            children = [ChildRow(*c) for c in loads(row["children"])]
+            kids = [ChildRow(*c) for c in loads(row["children"])]
             journal = [EventRow(*e) for e in loads(row["events"])] if events else []
-            result[row["id"]] = StepData(inbox, children, journal)
+            result[row["id"]] = StepData(inbox, kids, journal)
         return result
 
     async def insert_with_journal(

@@ -335,15 +335,27 @@ class SqliteStore(Store):
         return committed
 
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False, after: Sequence[int] = ()
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
+        only = dict(zip(run_ids, children, strict=True)) if children else {}
+        every = [r for r in run_ids if only.get(r) is None]
+        pairs = [[r, c] for r, ids in only.items() if ids is not None for c in ids]
+
         def load() -> tuple[list[sqlite3.Row], list[sqlite3.Row], list[sqlite3.Row]]:
             params = {"ids": _json(list(run_ids))}
             since = list(zip(run_ids, after or [0] * len(run_ids), strict=True))
             journal = self._fetch("load_events", {"runs": _json(since)}) if events else []
-            return self._fetch("inboxes", params), self._fetch("children", params), journal
+            kids = self._fetch("children", {"ids": _json(every)}) if every else []
+            if pairs:
+                kids += self._fetch("children_by_id", {"pairs": _json(pairs)})
+            return self._fetch("inboxes", params), kids, journal
 
-        inboxes, children, journal = await self._call(load)
+        inboxes, kids, journal = await self._call(load)
         loads = payload.loads
         result = {run_id: StepData([], []) for run_id in run_ids}
         for r in journal:
@@ -353,7 +365,7 @@ class SqliteStore(Store):
             result[r["target_id"]].inbox.append(
                 SignalRow(r["id"], r["name"], loads(r["payload"]), sent_at)
             )
-        for r in children:
+        for r in kids:
             result[r["parent_id"]].children.append(
                 ChildRow(
                     r["id"], r["kind"], r["name"], r["state"], loads(r["output"]), loads(r["error"])

@@ -352,8 +352,9 @@ UNION ALL SELECT 'parent', id, state, queue, sticky_node FROM fanin
 UNION ALL SELECT 'child', id, state, queue, NULL FROM kids
 
 -- load_step_data --
--- Each run's unconsumed inbox and its children (and with $2 its journal after
--- seq $3[i]), as JSON, in one round trip.
+-- Each run's unconsumed inbox and its children (only those whose ids are in
+-- the JSON array $4[i], when it is not NULL), and with $2 its journal after
+-- seq $3[i], as JSON, in one round trip.
 SELECT t.id,
        CASE WHEN $2::bool THEN
            (SELECT coalesce(json_agg(json_build_array(e.seq, e.kind, e.data) ORDER BY e.seq),
@@ -364,10 +365,18 @@ SELECT t.id,
                                                   extract(epoch FROM s.created_at)) ORDER BY s.id),
                         '[]'::json)
         FROM ms_signals s WHERE s.target_id = t.id AND s.consumed_at IS NULL)::text AS inbox,
-       (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output, c.error)
-                                 ORDER BY c.id), '[]'::json)
-        FROM ms_runs c WHERE c.parent_id = t.id)::text AS children
-FROM unnest($1::text[], $3::int[]) AS t(id, after)
+       CASE WHEN t.wanted IS NULL THEN
+           (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output,
+                                                      c.error) ORDER BY c.id), '[]'::json)
+            FROM ms_runs c WHERE c.parent_id = t.id)::text
+       ELSE
+           (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output,
+                                                      c.error) ORDER BY c.id), '[]'::json)
+            FROM ms_runs c
+            WHERE c.id = ANY(ARRAY(SELECT json_array_elements_text(t.wanted::json)))
+              AND c.parent_id = t.id)::text
+       END AS children
+FROM unnest($1::text[], $3::int[], $4::text[]) AS t(id, after, wanted)
 
 -- append_events --
 -- Append journal entries to run $1 ($2 seqs, $3 kinds, $4 data).

@@ -208,6 +208,14 @@ SELECT parent_id, id, kind, name, state, output, error FROM ms_runs
 WHERE parent_id IN (SELECT value FROM json_each(:ids))
 ORDER BY parent_id, id
 
+-- children_by_id --
+-- These children of these runs (a JSON array of [parent id, child id]).
+SELECT c.parent_id, c.id, c.kind, c.name, c.state, c.output, c.error
+FROM (SELECT json_extract(value, '$[0]') AS parent_id, json_extract(value, '$[1]') AS id
+      FROM json_each(:pairs)) AS w
+JOIN ms_runs c ON c.id = w.id AND c.parent_id = w.parent_id
+ORDER BY c.parent_id, c.id
+
 -- signal_target --
 -- The run a signal sent by id goes to.
 SELECT id, state FROM ms_runs WHERE id = :id
