@@ -59,3 +59,12 @@ def test_bench_workflows_runs_dbos_on_the_same_server_and_prints_the_ratio(pg_ur
     assert dbos["config"]["mode"] == "queue"
     assert data["dbos_ratio"] == pytest.approx(data["workflows_per_s"] / dbos["workflows_per_s"])
     assert data["checks"][1]["ratio"].endswith("x DBOS")
+
+
+def test_bench_workflows_takes_longer_journals_and_the_cache_size(tmp_path: Path) -> None:
+    data = bench_workflows(
+        "sqlite", f"sqlite:///{tmp_path}/bench.db", "--activities", "5", "--workflow-cache", "0"
+    )
+    assert (data["steps"], data["workflow_cache"]) == (5, 0)
+    assert (data["completed"], data["activities"]) == (WORKFLOWS, 5 * WORKFLOWS)
+    assert data["checks"][2]["metric"] == "activities (5/workflow)"

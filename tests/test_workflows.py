@@ -486,3 +486,280 @@ async def test_activities_heartbeat_progress_for_the_next_attempt(app: ms.App) -
     async with running(app, concurrency=4):
         assert await handle.result_async(timeout=10) == [5, True]
     assert seen == [None, {"done": 3}]
+
+
+@aio
+async def test_an_activity_silent_past_its_heartbeat_timeout_is_failed_and_retried(
+    app: ms.App,
+) -> None:
+    attempts: list[int] = []
+    cancelled: list[int] = []
+
+    @app.task(name="stalls_once", max_attempts=3, backoff=ms.Backoff.constant(0.01))
+    async def stalls_once() -> int:
+        ctx = ms.current_run()
+        attempts.append(ctx.attempt)
+        await ctx.heartbeat({"started": ctx.attempt})
+        if ctx.attempt == 1:
+            try:
+                await asyncio.sleep(60)  # alive, lease extended, but silent: a hung call
+            except asyncio.CancelledError:
+                cancelled.append(ctx.attempt)
+                raise
+        return ctx.attempt
+
+    @app.task(name="beats_steadily")
+    async def beats_steadily() -> str:
+        for _ in range(8):  # 1.6 s in all, never 0.5 s without a heartbeat
+            await ms.current_run().heartbeat()
+            await asyncio.sleep(0.2)
+        return "steady"
+
+    @app.workflow(name="watched")
+    async def watched(wf: ms.Workflow, input: None) -> list[Any]:
+        first = await wf.activity(stalls_once, heartbeat_timeout=0.5)
+        second = await wf.activity(beats_steadily, heartbeat_timeout=0.5)
+        return [first, second]
+
+    timeouts: list[dict[str, Any]] = []
+    app.telemetry.attach("run.heartbeat_timeout", lambda _e, meta: timeouts.append(meta))
+    handle = await app.start_async(watched)
+    async with running(app, concurrency=4):
+        assert await handle.result_async(timeout=20) == [2, "steady"]
+    assert attempts == [1, 2] and cancelled == [1]  # the silent attempt's handler was cancelled
+    assert [t["state"] for t in timeouts] == ["scheduled"]  # retried with its backoff
+
+
+@aio
+async def test_a_plain_task_heartbeat_timeout_fences_out_the_stalled_holder(app: ms.App) -> None:
+    stale_returned = threading.Event()
+
+    @app.task(name="stuck_thread", max_attempts=2, backoff=ms.Backoff.constant(0.01),
+              heartbeat_timeout=0.5)  # fmt: skip
+    def stuck_thread() -> str:
+        if ms.current_run().attempt == 1:
+            time.sleep(2.0)  # a thread cannot be cancelled: its result must never land
+            stale_returned.set()
+            return "stale"
+        return "fresh"
+
+    @app.task(name="never_beats")
+    async def never_beats() -> None:
+        await asyncio.sleep(60)
+
+    fenced = await stuck_thread.enqueue_async()
+    hopeless = await never_beats.options(heartbeat_timeout=0.3, max_attempts=2).enqueue_async()
+    lost: list[dict[str, Any]] = []
+    app.telemetry.attach("run.lease_lost", lambda _e, meta: lost.append(meta))
+    async with running(app, concurrency=4):
+        assert await fenced.result_async(timeout=10) == "fresh"
+        with pytest.raises(ms.RunFailed, match="HeartbeatTimeout"):
+            await hopeless.result_async(timeout=10)
+
+        await asyncio.to_thread(stale_returned.wait, 10)
+        await asyncio.sleep(0.2)  # time for a stale commit, were it sent
+    # The stalled holder was told (its handler given up, its outcome refused by the fence).
+    assert any(m["id"] == fenced.id and m.get("reason") == "heartbeat timeout" for m in lost)
+    run = await fenced.get_async()
+    assert (run.output, run.attempt, run.heartbeat_timeout) == ("fresh", 2, 0.5)
+    assert (await hopeless.get_async()).attempt == 2  # both attempts used, then failed
+
+
+@aio
+async def test_an_idempotency_key_executes_once_and_later_runs_reuse_the_result(
+    app: ms.App,
+) -> None:
+    calls: list[str] = []
+
+    @app.task(name="charge_once", max_attempts=1)
+    async def charge_once(amount: int) -> dict[str, Any]:
+        calls.append(f"charge {amount}")
+        await asyncio.sleep(0.3)
+        if amount < 0:
+            raise ValueError("declined")
+        return {"charged": amount, "call": len(calls)}
+
+    @app.workflow(name="pays")
+    async def pays(wf: ms.Workflow, input: dict[str, Any]) -> Any:
+        try:
+            return await wf.activity(charge_once, input["amount"], idempotency_key=input["key"])
+        except ms.ActivityError as exc:
+            return exc.error["message"]
+
+    reused: list[dict[str, Any]] = []
+    app.telemetry.attach("run.reused", lambda _e, meta: reused.append(meta))
+    async with running(app, concurrency=8):
+        # concurrent workflows with one key share one execution
+        together = [await app.start_async(pays, {"amount": 5, "key": "order-1"}) for _ in range(3)]
+        results = [await h.result_async(timeout=15) for h in together]
+        assert results == [{"charged": 5, "call": 1}] * 3
+        # any later run with the key takes the completed run's output: the workflow...
+        later = await app.start_async(pays, {"amount": 5, "key": "order-1"})
+        assert await later.result_async(timeout=10) == {"charged": 5, "call": 1}
+        # ...or a plain enqueue of the task
+        direct = await charge_once.options(idempotency_key="order-1").enqueue_async(5)
+        assert await direct.result_async(timeout=10) == {"charged": 5, "call": 1}
+        assert calls == ["charge 5"] and len(reused) == 4
+        # a failure is not shared: the next run with its key executes again
+        failed = await app.start_async(pays, {"amount": -1, "key": "order-2"})
+        assert await failed.result_async(timeout=10) == "declined"
+        again = await app.start_async(pays, {"amount": -1, "key": "order-2"})
+        assert await again.result_async(timeout=10) == "declined"
+    assert calls == ["charge 5", "charge -1", "charge -1"]
+    with pytest.raises(ms.ConfigError, match="concurrency_key"):
+        charge_once.options(idempotency_key="k", concurrency_key="c")
+
+
+def _cache_events(app: ms.App) -> list[tuple[str, dict[str, Any]]]:
+    seen: list[tuple[str, dict[str, Any]]] = []
+    for event in ("workflow.cache_hit", "workflow.cache_miss", "workflow.cache_evicted"):
+        app.telemetry.attach(event, lambda e, meta: seen.append((e, meta)))
+    return seen
+
+
+@aio
+async def test_a_parked_run_continues_its_live_coroutine_on_the_node_that_parked_it(
+    app: ms.App,
+) -> None:
+    calls: list[int] = []
+
+    @app.task(name="inc")
+    async def inc(x: int) -> int:
+        calls.append(x)
+        return x + 1
+
+    @app.workflow(name="cached")
+    async def cached(wf: ms.Workflow, x: int) -> list[Any]:
+        for _ in range(3):
+            x = await wf.activity(inc, x)
+        await wf.sleep(0.05)
+        return [x, await wf.wait_signal("go")]
+
+    seen = _cache_events(app)
+    handle = await app.start_async(cached, 0)
+    async with running(app, concurrency=4):
+
+        async def parked() -> bool:
+            return "go" in ((await handle.get_async()).awaits or [])
+
+        await eventually(parked)
+        await app.signal_async(handle.id, "go", "now")
+        assert await handle.result_async(timeout=10) == [3, "now"]
+    # Three activity results, the timer and the signal: five wake-ups, none replayed
+    # (paranoid mode replayed each beside the cached run and found the same commands).
+    assert [e for e, _ in seen] == ["workflow.cache_hit"] * 5
+    assert calls == [0, 1, 2]
+
+
+@aio
+async def test_an_evicted_run_is_replayed(db_url: str) -> None:
+    app = ms.App(db_url, lease_ttl=5.0, workflow_cache_size=1)
+
+    @app.workflow(name="twice")
+    async def twice(wf: ms.Workflow, name: str) -> list[Any]:
+        return [name, await wf.wait_signal("a"), await wf.wait_signal("b")]
+
+    seen = _cache_events(app)
+    try:
+        first, second = await app.start_async(twice, "x"), await app.start_async(twice, "y")
+        async with running(app, concurrency=4):
+            for signal in ("a", "b"):
+                for handle in (first, second):
+
+                    async def parked(h: ms.RunHandle = handle, s: str = signal) -> bool:
+                        return s in ((await h.get_async()).awaits or [])
+
+                    await eventually(parked)
+                    await app.signal_async(handle.id, signal, f"{signal}!")
+            assert await first.result_async(timeout=10) == ["x", "a!", "b!"]
+            assert await second.result_async(timeout=10) == ["y", "a!", "b!"]
+    finally:
+        await app.aclose()
+    events = [e for e, _ in seen]
+    assert "workflow.cache_evicted" in events  # one slot for two parked runs
+    assert ("workflow.cache_miss", "not cached") in [(e, m.get("reason")) for e, m in seen]
+
+
+@aio
+async def test_a_run_that_moved_to_another_node_and_back_is_replayed(db_url: str) -> None:
+    app = ms.App(db_url, lease_ttl=5.0)
+    gate = asyncio.Event()
+
+    @app.task(name="blocker", queue="busy")
+    async def blocker() -> None:
+        await gate.wait()
+
+    @app.workflow(name="hops", queue="flows")
+    async def hops(wf: ms.Workflow, input: None) -> list[Any]:
+        return [await wf.wait_signal("one"), await wf.wait_signal("two")]
+
+    seen = _cache_events(app)
+    handle = await app.start_async(hops)
+
+    async def waits_for(name: str) -> bool:
+        return name in ((await handle.get_async()).awaits or [])
+
+    try:
+        async with running(app, name="a", concurrency=2, queues=["flows", "busy"]) as a:
+            await eventually(lambda: waits_for("one"))  # parked by a: its cache holds it
+            blockers = [await blocker.enqueue_async() for _ in range(2)]
+
+            async def a_is_full() -> bool:
+                return [(await b.get_async()).state for b in blockers] == ["running"] * 2
+
+            await eventually(a_is_full)
+            async with running(app, name="b", concurrency=2, queues=["flows"]):
+                # The wake-up goes to a (advisory); a has no free slot, so b takes the run.
+                await app.signal_async(handle.id, "one", 1)
+                await eventually(lambda: waits_for("two"))
+            gate.set()
+            await app.signal_async(handle.id, "two", 2)
+            assert await handle.result_async(timeout=10) == [1, 2]
+            assert a.name == "a"
+    finally:
+        await app.aclose()
+    by_node = [(m["node"], e, m.get("reason")) for e, m in seen]
+    assert ("b", "workflow.cache_miss", "not cached") in by_node
+    assert by_node[-1] == ("a", "workflow.cache_miss", "moved")  # a's entry was stale
+
+
+def test_wake_ups_of_a_parked_run_are_routed_to_the_node_that_parked_it(pg_url: str) -> None:
+    import asyncpg
+
+    from mainspring.store.postgres import node_channel
+
+    app = ms.App(pg_url, lease_ttl=5.0)
+
+    @app.workflow(name="routed")
+    async def routed(wf: ms.Workflow, input: None) -> Any:
+        return await wf.wait_signal("go")
+
+    async def main() -> None:
+        handle = await app.start_async(routed)
+        listener = await asyncpg.connect(pg_url)
+        heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        for channel in ("mainspring", node_channel("owner")):
+            await listener.add_listener(
+                channel, lambda _c, _p, ch, text: heard.put_nowait((ch, text))
+            )
+        try:
+            async with running(app, name="owner", concurrency=2):
+
+                async def parked() -> bool:
+                    return "go" in ((await handle.get_async()).awaits or [])
+
+                await eventually(parked)
+                store = await app.store()
+                sticky = "SELECT sticky_node FROM ms_runs WHERE id = $1"
+                assert await store.fetch_value(sticky, handle.id) == "owner"
+                while not heard.empty():
+                    heard.get_nowait()
+                await app.signal_async(handle.id, "go", "ok")
+                channel, text = await asyncio.wait_for(heard.get(), 5)
+                assert (channel, text) == (node_channel("owner"), "~claim")
+                assert await handle.result_async(timeout=10) == "ok"
+        finally:
+            await listener.close()
+            await app.aclose()
+
+    asyncio.run(main())

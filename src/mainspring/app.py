@@ -48,6 +48,10 @@ M = TypeVar("M", bound="Machine")
 
 Executor = Literal["async", "thread", "process"]
 DEFAULT_URL = "sqlite:///mainspring.db"
+# Live workflow runs a node keeps between their tasks, by default. A small workflow's
+# entry is about 5.5 KB (measured: two activities done, waiting for a signal), so a
+# full cache is some 55 MB; runs that hold large locals cost what they hold.
+DEFAULT_WORKFLOW_CACHE = 10_000
 
 
 def make_store(url: str) -> Store:
@@ -99,6 +103,8 @@ class EnqueueOptions:
     timeout: float | None = None
     rate_limit: RateLimitRef | None = None
     weight: int = 1
+    heartbeat_timeout: float | None = None
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,22 +129,35 @@ class Call:
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {max_attempts}")
         later = run_at is not None and run_at > now
+        key = opts.idempotency_key
+        beat = opts.heartbeat_timeout
+        if beat is None:
+            beat = task.heartbeat_timeout
+        # one run of a key executes at a time: the others wait, then reuse its output
+        slot = opts.concurrency_key if key is None else idempotency_slot(task.name, key)
         return NewRun(
             id=uuid7(),
             name=task.name,
             queue=opts.queue or task.queue,
-            input=payload.encode_call(task.name, self.args, self.kwargs),
+            input=payload.encode_call(task.name, self.args, self.kwargs, key),
             state=SCHEDULED if later else AVAILABLE,
             run_at=run_at if later and run_at else now,
             priority=opts.priority if opts.priority is not None else task.priority,
             max_attempts=max_attempts,
             correlation_key=opts.correlation_key,
-            concurrency_key=opts.concurrency_key,
+            concurrency_key=slot,
             attributes=payload.dumps(opts.attributes) if opts.attributes else "{}",
             timeout=opts.timeout if opts.timeout is not None else task.timeout,
             rate_limit=None if opts.rate_limit is None else bucket_key(opts.rate_limit),
             weight=opts.weight,
+            heartbeat_timeout=beat,
+            idempotency_key=key,
         )
+
+
+def idempotency_slot(task_name: str, key: str) -> str:
+    """The concurrency key that serializes the runs of one task's idempotency key."""
+    return f"idempotency:{task_name}:{key}"
 
 
 _IDEMPOTENCY = uuid.UUID("6d61696e-7370-7269-6e67-000000000001")  # namespace of start keys
@@ -227,6 +246,7 @@ class Task(_Enqueuer[P, R]):
         timeout: float | None,
         backoff: Backoff,
         executor: Executor,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         functools.update_wrapper(self, fn)
         self.app = app
@@ -239,6 +259,7 @@ class Task(_Enqueuer[P, R]):
         self.timeout = timeout
         self.backoff = backoff
         self.executor = executor
+        self.heartbeat_timeout = heartbeat_timeout
         self.is_async = inspect.iscoroutinefunction(fn)
         self._options = EnqueueOptions()
 
@@ -267,14 +288,36 @@ class Task(_Enqueuer[P, R]):
         timeout: float | None = None,
         rate_limit: RateLimitRef | None = None,
         weight: int = 1,
+        heartbeat_timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> TaskWithOptions[P, R]:
         """This task with options for the runs enqueued through the result.
 
         `rate_limit` ("name" or (name, partition)) makes each run wait for
         `weight` tokens of that bucket (see `app.rate_limits.configure`).
+
+        `heartbeat_timeout`: an attempt that goes this many seconds without a
+        heartbeat (`ms.current_run().heartbeat()`, counting from its claim) is
+        failed by any node's reaper (`ms.HeartbeatTimeout`, retried with the
+        backoff), even while its node is alive and keeps its lease.
+
+        `idempotency_key`: runs of this task with the same key execute one at a
+        time, and once one of them completed every other run with the key
+        completes with that output without calling the function. A failed run
+        shares nothing: the next run with the key executes. The output is reused
+        while the completed run is kept (the app's `retention` after it
+        finished); once GC deleted it, the key executes again. Unlike
+        `correlation_key`, which refuses a second *live* run, the runs are all
+        inserted and the key deduplicates their *execution*.
         """
         if delay is not None and run_at is not None:
             raise ConfigError("pass either delay or run_at, not both")
+        if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+            raise ConfigError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
+        if idempotency_key is not None and concurrency_key is not None:
+            raise ConfigError(
+                "idempotency_key already serializes the runs of its key; drop concurrency_key"
+            )
         if rate_limit is not None:
             bucket_key(rate_limit)  # validates the name now
         if weight < 1:
@@ -283,7 +326,7 @@ class Task(_Enqueuer[P, R]):
             self,
             EnqueueOptions(
                 queue, priority, delay, run_at, correlation_key, concurrency_key, max_attempts,
-                attributes, timeout, rate_limit, weight,
+                attributes, timeout, rate_limit, weight, heartbeat_timeout, idempotency_key,
             ),
         )  # fmt: skip
 
@@ -293,6 +336,11 @@ class App:
 
     The URL defaults to $MAINSPRING_DATABASE_URL, else sqlite:///mainspring.db in
     the working directory. Nothing connects until the first call that needs to.
+
+    `lease_ttl` is how long a dead node's runs wait before another node resumes
+    them. `workflow_cache_size` bounds the parked workflow runs each node keeps
+    live, so their next task continues the coroutine instead of replaying the
+    journal (an LRU; 0 replays every task; the database stays the authority).
     """
 
     def __init__(
@@ -305,6 +353,7 @@ class App:
         retention: float = 86_400.0,
         shutdown_grace: float = 25.0,
         process_pool_size: int | None = None,
+        workflow_cache_size: int = DEFAULT_WORKFLOW_CACHE,
     ) -> None:
         self.url = url or os.environ.get("MAINSPRING_DATABASE_URL") or DEFAULT_URL
         make_store(self.url)  # validates the URL now, not at first use
@@ -316,6 +365,10 @@ class App:
         self.retention = retention
         self.shutdown_grace = shutdown_grace
         self.process_pool_size = process_pool_size or os.cpu_count() or 2
+        if workflow_cache_size < 0:
+            raise ConfigError(f"workflow_cache_size must be >= 0, got {workflow_cache_size}")
+        # live workflow runs each node keeps between their tasks (0: replay every task)
+        self.workflow_cache_size = workflow_cache_size
         self.tasks: dict[str, Task[..., Any]] = {}
         self.machines: dict[str, MachineDef] = {}
         self.workflows: dict[str, WorkflowDef] = {}
@@ -361,6 +414,7 @@ class App:
         timeout: float | None = None,
         backoff: Backoff | None = None,
         executor: Executor | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     def task(
@@ -375,8 +429,13 @@ class App:
         timeout: float | None = None,
         backoff: Backoff | None = None,
         executor: Executor | None = None,
+        heartbeat_timeout: float | None = None,
     ) -> Any:
-        """Register a function as a task (async functions run on the loop, sync ones in threads)."""
+        """Register a function as a task (async functions run on the loop, sync ones in threads).
+
+        With `heartbeat_timeout`, an attempt that goes that many seconds without
+        a heartbeat is failed and retried (see `Task.options`).
+        """
 
         def register(func: Callable[..., Any]) -> Task[..., Any]:
             task_name = name or f"{func.__module__}.{func.__qualname__}"
@@ -386,6 +445,8 @@ class App:
                 raise ConfigError(f"task {task_name!r}: max_attempts must be >= 1")
             if timeout is not None and timeout <= 0:
                 raise ConfigError(f"task {task_name!r}: timeout must be > 0 seconds")
+            if heartbeat_timeout is not None and heartbeat_timeout <= 0:
+                raise ConfigError(f"task {task_name!r}: heartbeat_timeout must be > 0 seconds")
             chosen: Executor = executor or (
                 "async" if inspect.iscoroutinefunction(func) else "thread"
             )
@@ -412,6 +473,7 @@ class App:
                 timeout=timeout,
                 backoff=backoff or Backoff.exponential(),
                 executor=chosen,
+                heartbeat_timeout=heartbeat_timeout,
             )
             self.tasks[task_name] = task
             return task

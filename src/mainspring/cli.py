@@ -423,17 +423,33 @@ def bench_machines(
 @click.option("--workflows", type=int, default=2_000, show_default=True)
 @click.option("--concurrency", type=int, default=500, show_default=True)
 @click.option("--peers/--no-peers", default=True, help="Run DBOS Transact too (postgres).")
+@click.option(
+    "--workflow-cache", type=int, default=None,
+    help="The worker's workflow_cache_size (default: the App's; 0 replays every task).",
+)  # fmt: skip
+@click.option(
+    "--activities", "steps", type=int, default=3, show_default=True,
+    help="Activities per workflow, in sequence (DBOS runs only with 3).",
+)  # fmt: skip
 @format_option
 def bench_workflows(
-    backend: str, bench_url: str | None, workflows: int, concurrency: int, peers: bool, fmt: str
+    backend: str,
+    bench_url: str | None,
+    workflows: int,
+    concurrency: int,
+    peers: bool,
+    workflow_cache: int | None,
+    steps: int,
+    fmt: str,
 ) -> None:
     """Run three-activity workflows to completion; print workflows per second and the ratio
     to DBOS Transact's."""
     from mainspring.bench.workflows import render, run_workflows_bench
 
     result = run_workflows_bench(
-        backend, bench_url, workflows, concurrency=concurrency, peers=peers
-    )
+        backend, bench_url, workflows, concurrency=concurrency, peers=peers,
+        workflow_cache=workflow_cache, steps=steps,
+    )  # fmt: skip
     click.echo(render(result, fmt))
 
 

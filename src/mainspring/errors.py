@@ -40,6 +40,15 @@ class TaskTimeout(MainspringError, TimeoutError):
     """A handler ran longer than its task's `timeout`; the attempt counts as failed."""
 
 
+class HeartbeatTimeout(MainspringError, TimeoutError):
+    """A running attempt went longer than its `heartbeat_timeout` without a heartbeat.
+
+    Any node's reaper fails the attempt (retried with the task's backoff), even
+    while the owner's node is alive: the owner's commit is refused and its
+    handler cancelled.
+    """
+
+
 class HandlerCrashed(MainspringError):
     """The process running a handler died (for example killed or segfaulted)."""
 

@@ -26,14 +26,23 @@ def loads(text: str | bytes | None) -> Any:
     return orjson.loads(text)
 
 
-def encode_call(task_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def encode_call(
+    task_name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> str:
     """Encode a task call's arguments, naming the argument that is not JSON encodable.
 
     Raises EncodeError before anything is written, so a bad payload never
-    reaches the database.
+    reaches the database. A call's idempotency key travels with its input, so
+    the worker that claims the run knows to look for a completed run first.
     """
+    call: dict[str, Any] = {"args": args, "kwargs": kwargs}
+    if idempotency_key is not None:
+        call["idempotency_key"] = idempotency_key
     try:
-        return orjson.dumps({"args": args, "kwargs": kwargs}, option=_OPTS).decode()
+        return orjson.dumps(call, option=_OPTS).decode()
     except TypeError:
         pass
     for index, value in enumerate(args):

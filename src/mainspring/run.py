@@ -56,6 +56,8 @@ class Run:
     deadline: datetime | None = None
     children_pending: int = 0
     version: int = 1
+    heartbeat_timeout: float | None = None
+    idempotency_key: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -89,6 +91,11 @@ class NewRun:
     rate_limit: str | None = None
     weight: int = 1
     version: int = 1
+    # seconds a running attempt may go without a heartbeat before it is failed
+    heartbeat_timeout: float | None = None
+    # runs of this task with this key execute one at a time; once one completed,
+    # the others take its output (see App.task options)
+    idempotency_key: str | None = None
 
     @property
     def plain(self) -> bool:
@@ -102,6 +109,8 @@ class NewRun:
             and self.timeout is None
             and self.parent_id is None
             and self.rate_limit is None
+            and self.heartbeat_timeout is None
+            and self.idempotency_key is None
         )
 
 

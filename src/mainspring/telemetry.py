@@ -1,9 +1,12 @@
 """Named engine events with handlers a user can attach.
 
 Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
-run.cancelled, run.lease_lost, run.released, run.step, run.waiting, signal.sent,
-rate_limit.throttled, rate_limit.unknown, workflow.unknown_version, node.up,
-node.down, node.loop_crashed.
+run.cancelled, run.lease_lost, run.released, run.step, run.waiting,
+run.heartbeat_timeout (an attempt failed for going silent), run.reused (a run
+completed with the output of its idempotency key's completed run),
+signal.sent, rate_limit.throttled, rate_limit.unknown, workflow.unknown_version,
+workflow.cache_hit / workflow.cache_miss (reason) / workflow.cache_evicted,
+node.up, node.down, node.loop_crashed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -29,10 +32,15 @@ EVENTS = (
     "run.released",
     "run.step",
     "run.waiting",
+    "run.heartbeat_timeout",
+    "run.reused",
     "signal.sent",
     "rate_limit.throttled",
     "rate_limit.unknown",
     "workflow.unknown_version",
+    "workflow.cache_hit",
+    "workflow.cache_miss",
+    "workflow.cache_evicted",
     "node.up",
     "node.down",
     "node.loop_crashed",

@@ -30,10 +30,17 @@ async def spawn(module: str, *argv: str) -> _Child:
     return _Child(proc, spawned)
 
 
-async def drain(build_app: BuildApp, url: str, concurrency: int, timeout: float) -> dict[str, Any]:
-    """Run one burst worker until no run is left; its probe's figures (and an error, if any)."""
+async def drain(
+    build_app: BuildApp, url: str, concurrency: int, timeout: float, workflow_cache: int | None
+) -> dict[str, Any]:
+    """Run one burst worker until no run is left; its probe's figures (and an error, if any).
+
+    `workflow_cache` overrides the App's workflow_cache_size (None: its default).
+    """
     probe = _Probe()
     app = build_app(url, probe)
+    if workflow_cache is not None:
+        app.workflow_cache_size = workflow_cache
     error: str | None = None
     try:
         async with asyncio.timeout(timeout):
@@ -52,10 +59,13 @@ def worker_main(prog: str, build_app: BuildApp, argv: Sequence[str] | None = Non
     parser.add_argument("--url", required=True)
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--workflow-cache", type=int, default=None)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # as app.run_worker
-            out = runner.run(drain(build_app, ns.url, ns.concurrency, ns.timeout))
+            out = runner.run(
+                drain(build_app, ns.url, ns.concurrency, ns.timeout, ns.workflow_cache)
+            )
     except Exception as exc:
         out = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(out), flush=True)

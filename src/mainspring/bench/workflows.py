@@ -16,7 +16,10 @@ Measurement
    result) and its three activities. The worker instruments its store as the job benchmark
    does: the rate is over the time from the start of the first claim that returned runs to the
    end of the last commit, and the worker's CPU time is taken over the same span.
-3. **check**: every workflow is ``completed`` with output ``i + 3``, every activity is
+   ``--activities N`` makes it N activities (the three tasks in turn; DBOS is then not run):
+   the longer the journal, the more a replay of it at every workflow task costs, which the
+   workflow cache (``--workflow-cache``, the worker's ``App(workflow_cache_size=)``) saves.
+3. **check**: every workflow is ``completed`` with output ``i + N``, every activity is
    ``completed`` and ran exactly once; anything else raises.
 4. **peer** (PostgreSQL): DBOS Transact runs the same workflow on the same server, in its own
    database and process, through :mod:`mainspring.bench.dbos_peer`, measured the same way
@@ -36,7 +39,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import mainspring as ms
-from mainspring.app import App
+from mainspring.app import DEFAULT_WORKFLOW_CACHE, App
 from mainspring.bench.jobs import (
     BATCH,
     Check,
@@ -77,6 +80,8 @@ class WorkflowsBenchResult:
     backend: str
     workflows: int
     concurrency: int
+    workflow_cache: int = 0  # the worker's workflow_cache_size
+    steps: int = len(ACTIVITIES)  # activities per workflow, in sequence (the peer runs 3)
     host: dict[str, Any] = field(default_factory=dict)
     start_per_s: float | None = None  # workflows inserted per second, in batches of BATCH
     completed: int = 0  # workflows completed with the right output
@@ -100,7 +105,7 @@ class WorkflowsBenchResult:
 
     def checks(self) -> list[Check]:
         """The report rows; the workflow rate has its targets on PostgreSQL."""
-        rate, ratio, n = self.workflows_per_s, self.dbos_ratio, len(ACTIVITIES)
+        rate, ratio, n = self.workflows_per_s, self.dbos_ratio, self.steps
         target, met = "", None
         if self.backend == "postgres":
             target = f"≥ {TARGET_RATE:,.0f}/s, ≥ {TARGET_DBOS_FACTOR:g}x DBOS"
@@ -162,13 +167,19 @@ def run_workflows_bench(
     *,
     concurrency: int = 500,
     peers: bool = True,
+    workflow_cache: int | None = None,
+    steps: int = len(ACTIVITIES),
 ) -> WorkflowsBenchResult:
     """Run `workflows` three-activity workflows to completion on `backend`; return the figures.
 
     `url` is as for :func:`mainspring.bench.jobs.run_jobs_bench`: the PostgreSQL server (the
     benchmark uses its own database there) or an SQLite file whose directory holds the
     temporary database. With `peers` on PostgreSQL, DBOS Transact runs the same workload on
-    the same server; its failure is recorded in `dbos.error`, not raised. Raises RuntimeError
+    the same server; its failure is recorded in `dbos.error`, not raised. `workflow_cache` sets
+    the worker's `App(workflow_cache_size=)` (None: the default; 0: replay every workflow
+    task, as before the cache). `steps` is the number of activities per workflow (the
+    three tasks in turn); DBOS runs its three-step workflow, so it is measured only when
+    `steps` is 3 (a longer journal shows what replaying it costs). Raises RuntimeError
     when Mainspring's drain is inconsistent (a workflow or activity not completed, a wrong
     output, an activity run other than once).
     """
@@ -177,13 +188,19 @@ def run_workflows_bench(
         raise ValueError("workflows must be at least 1")
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
     started = time.perf_counter()
-    result = WorkflowsBenchResult(backend=backend, workflows=workflows, concurrency=concurrency)
+    result = WorkflowsBenchResult(
+        backend=backend, workflows=workflows, concurrency=concurrency,
+        workflow_cache=DEFAULT_WORKFLOW_CACHE if workflow_cache is None else workflow_cache,
+        steps=steps,
+    )  # fmt: skip
     result.host = _machine_info("asyncio")
     dbs = _Databases(backend, url)
     try:
         asyncio.run(_measure(dbs, result))
-        if peers and backend == "postgres":
+        if peers and backend == "postgres" and steps == len(ACTIVITIES):
             result.dbos = asyncio.run(_run_dbos(dbs.server, workflows))
     finally:
         dbs.cleanup()
@@ -202,10 +219,11 @@ def _bench_app(url: str, probe: _Probe | None = None) -> App:
 
     step1, step2, step3 = (app.task(name=name, max_attempts=1)(add_one) for name in ACTIVITIES)
 
-    async def three(wf: ms.Workflow, x: int) -> int:
-        a = await wf.activity(step1, x)
-        b = await wf.activity(step2, a)
-        return int(await wf.activity(step3, b))
+    async def three(wf: ms.Workflow, input: list[int]) -> int:
+        x, steps = input
+        for k in range(steps):  # three, unless --activities says otherwise
+            x = await wf.activity((step1, step2, step3)[k % 3], x)
+        return x
 
     app.workflow(name=WORKFLOW)(three)  # a call: the decorator is untyped
     return app
@@ -218,10 +236,11 @@ async def _start(store: Store, definition: WorkflowDef, r: WorkflowsBenchResult)
     for offset in range(0, r.workflows, BATCH):
         now = datetime.now(UTC)
         batch = [
-            definition.new_run(i, now) for i in range(offset, min(r.workflows, offset + BATCH))
+            definition.new_run([i, r.steps], now)
+            for i in range(offset, min(r.workflows, offset + BATCH))
         ]
         await store.insert_runs(batch)
-        expected.update((run.id, i + len(ACTIVITIES)) for i, run in enumerate(batch, offset))
+        expected.update((run.id, i + r.steps) for i, run in enumerate(batch, offset))
     r.start_per_s = _rate(r.workflows, time.perf_counter() - started)
     return expected
 
@@ -239,6 +258,7 @@ async def _measure(dbs: _Databases, r: WorkflowsBenchResult) -> None:
             child = await spawn(
                 "mainspring.bench.workflows", "_worker", "--url", url,
                 "--concurrency", str(r.concurrency), "--timeout", str(limit),
+                "--workflow-cache", str(r.workflow_cache),
             )  # fmt: skip
             try:
                 data = await child.result(timeout=limit + 30)
@@ -250,7 +270,7 @@ async def _measure(dbs: _Databases, r: WorkflowsBenchResult) -> None:
             status = await store.queue_status(definition.queue)
         finally:
             await app.aclose()
-    n = len(ACTIVITIES) * r.workflows
+    n = r.steps * r.workflows
     finished = [run for run in rows if run.state == "completed"]
     r.completed = sum(1 for run in finished if run.output == expected[run.id])
     r.activities = status.counts.get("completed", 0) - len(finished)  # the queue holds both
@@ -302,7 +322,8 @@ def render(result: WorkflowsBenchResult, fmt: str = "table") -> str:
     r, h = result, result.host
     title = (
         f"mainspring bench workflows: {r.backend}, {r.workflows:,} workflows of "
-        f"{len(ACTIVITIES)} activities, concurrency {r.concurrency}"
+        f"{r.steps} activities, concurrency {r.concurrency}, workflow cache "
+        f"{r.workflow_cache:,}"
     )
     table = Table("metric", "rate", "ratio", "target", "")
     for c in r.checks():

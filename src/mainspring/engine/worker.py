@@ -27,7 +27,7 @@ from mainspring import payload
 from mainspring.context import RunContext, _current
 from mainspring.engine.loops import supervise, wait_event
 from mainspring.engine.threads import DaemonThreadPool
-from mainspring.errors import EncodeError, TaskTimeout
+from mainspring.errors import EncodeError, HeartbeatTimeout, TaskTimeout
 from mainspring.ids import uuid7_for
 from mainspring.run import (
     AVAILABLE,
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mainspring.worker")
 
 _MAX_BATCH = 1000
+_SILENCE_CHECK = 1.0  # seconds between two checks for attempts past their heartbeat timeout
 
 
 @dataclass(slots=True)
@@ -387,9 +388,12 @@ class Worker:
     async def _execute(self, flight: InFlight) -> None:
         run = flight.run
         task = self.app.tasks.get(run.name) if run.kind == "job" else None
+        key = run.input.get("idempotency_key") if task is not None else None
         outcome: Outcome | None
         try:
-            if task is not None:
+            if task is not None and key is not None:
+                outcome = await self._idempotent(task, run, key)
+            elif task is not None:
                 result = await self._invoke(task, run)
                 outcome = Outcome(run.id, run.fence, COMPLETED, output=payload.dumps(result))
             elif run.kind == "machine" and run.name in self.app.machines:
@@ -409,7 +413,20 @@ class Worker:
         if outcome is None:
             self._forget(run.id, run.fence)
             return
+        if key is not None:
+            outcome.extra["released"] = run.queue  # the next run of the key may go
         self._queue_outcome(run, outcome)
+
+    async def _idempotent(self, task: Task[..., Any], run: Claimed, key: str) -> Outcome:
+        """A run with an idempotency key: a completed run of the key gives its output, else
+        it executes. Runs of one key hold one concurrency slot, so none executes while
+        another does, and each finds the output of the one that completed before it."""
+        output = await self.store.completed_output(run.name, key)
+        if output is None:
+            output = payload.dumps(await self._invoke(task, run))
+        elif self.telemetry.listening("run.reused"):
+            self.telemetry.emit("run.reused", id=run.id, name=run.name, key=key, node=self.name)
+        return Outcome(run.id, run.fence, COMPLETED, output=output)
 
     def _queue_outcome(self, run: Claimed, outcome: Outcome) -> None:
         outcome.parent_id = run.parent_id
@@ -605,6 +622,11 @@ class Worker:
                 self._timer_wake.set()  # a retry or an await timeout to schedule
             if outcome.state == AVAILABLE and run and outcome.step is None:
                 released.add(run.queue)
+            if outcome.extra:
+                if "released" in outcome.extra:
+                    released.add(outcome.extra["released"])
+                if "live" in outcome.extra and self._workflows is not None:
+                    self._workflows.committed(outcome)
             event = "run.step" if outcome.step is not None else _EVENTS[outcome.state]
             if not telemetry.listening(event):
                 continue
@@ -732,8 +754,17 @@ class Worker:
             await wait_event(self._timer_wake, min(1.0, max(0.001, delay)))
 
     async def _reaper_loop(self) -> None:
+        interval = min(self.lease_ttl / 2, 5.0)
+        reaped_at = time.monotonic()
         while True:
-            await asyncio.sleep(min(self.lease_ttl / 2, 5.0))
+            # Heartbeat timeouts are checked every second (an empty partial index when
+            # no run uses them); expired leases every half lease.
+            await asyncio.sleep(min(interval, _SILENCE_CHECK))
+            while len(await self._fail_silent(500)) == 500:
+                pass
+            if time.monotonic() - reaped_at < interval:
+                continue
+            reaped_at = time.monotonic()
             while True:
                 reaped = await self.store.reap_expired(500)
                 for run_id, state in reaped:
@@ -743,6 +774,39 @@ class Worker:
                     )
                 if len(reaped) < 500:
                     break
+
+    async def _fail_silent(self, limit: int) -> list[Claimed]:
+        """Fail the attempts that outlived their heartbeat timeout, wherever they run.
+
+        Each is committed as a failed attempt under the fence it holds (retried
+        with its task's backoff, failed on its last attempt): an owner whose
+        commit got there first keeps its outcome; otherwise the owner's commit
+        is refused by the new fence, and its node is told to cancel the handler.
+        """
+        silent = await self.store.silent_runs(limit)
+        if not silent:
+            return silent
+        outcomes = []
+        for run in silent:
+            exc = HeartbeatTimeout(
+                f"task {run.name} went longer than its heartbeat_timeout without a heartbeat "
+                f"(attempt {run.attempt}); failed by node {self.name}: call "
+                "ms.current_run().heartbeat() more often, or raise the timeout"
+            )
+            outcome = self._failure(run, self.app.tasks.get(run.name), exc)
+            outcome.parent_id = run.parent_id
+            outcomes.append(outcome)
+        committed = await self.store.commit_outcomes(outcomes)
+        for outcome in outcomes:
+            if outcome.id not in committed:
+                continue
+            log.warning("run %s: heartbeat timeout; now %s", outcome.id, outcome.state)
+            self.telemetry.emit(
+                "run.heartbeat_timeout", id=outcome.id, reclaimed_by=self.name, state=outcome.state
+            )
+            self._notify_soon(f"lost:{outcome.id}:{outcome.fence}")
+        self._timer_wake.set()
+        return silent
 
     async def _gc_loop(self) -> None:
         interval = min(60.0, max(1.0, self.app.retention / 10))
@@ -787,7 +851,7 @@ class Worker:
             loop.call_soon_threadsafe(self._on_notification, text, served)
 
         while True:
-            self._push = await self.store.listen(on_message)
+            self._push = await self.store.listen(on_message, node=self.name)
             if not self._push:
                 return  # polling backend: in-process wake-ups only
             while self.store.listening():
@@ -800,10 +864,14 @@ class Worker:
         if text.startswith("cancel:"):
             self._lose(text[7:], "cancellation")
             return
+        if text.startswith("lost:"):  # lost:<id>:<fence>: that claim's attempt was failed
+            run_id, _, fence = text[5:].rpartition(":")
+            self._lose(run_id, "heartbeat timeout", int(fence))
+            return
         for part in text.split(","):
             if part == "~timer":
                 self._timer_wake.set()
-            elif part in served:
+            elif part in served or part == "~claim":  # ~claim: routed to this node
                 self._work.set()
 
 

@@ -48,13 +48,19 @@ class StepLoader:
         self.store = store
         self.events = events
         self._pending: dict[str, asyncio.Future[StepData]] = {}
+        self._wanted: dict[str, tuple[int, list[str] | None]] = {}
         self._scheduled = False
 
-    async def load(self, run_id: str) -> StepData:
+    async def load(
+        self, run_id: str, after: int = 0, children: list[str] | None = None
+    ) -> StepData:
+        """The run's step data; with `events`, its journal entries after seq `after`; only
+        the `children` with these ids when given."""
         future = self._pending.get(run_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._pending[run_id] = future
+            self._wanted[run_id] = (after, children)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -62,12 +68,23 @@ class StepLoader:
 
     def _flush(self) -> None:
         batch, self._pending, self._scheduled = self._pending, {}, False
-        task = asyncio.ensure_future(self._fetch(batch))
+        wanted, self._wanted = self._wanted, {}
+        task = asyncio.ensure_future(self._fetch(batch, wanted))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _fetch(self, batch: dict[str, asyncio.Future[StepData]]) -> None:
+    async def _fetch(
+        self,
+        batch: dict[str, asyncio.Future[StepData]],
+        limits: dict[str, tuple[int, list[str] | None]],
+    ) -> None:
         try:
-            found = await self.store.load_step_data(list(batch), events=self.events)
+            wanted = [limits[run_id] for run_id in batch]
+            narrowed = any(a or c is not None for a, c in wanted)
+            found = await self.store.load_step_data(
+                list(batch), events=self.events,
+                after=[a for a, _ in wanted] if narrowed else [],
+                children=[c for _, c in wanted] if narrowed else [],
+            )  # fmt: skip
         except Exception as exc:
             for future in batch.values():
                 if not future.done():

@@ -148,6 +148,8 @@ def run_from_row(row: Any, when: Callable[[Any], datetime | None]) -> Run:
         deadline=when(row["deadline"]),
         children_pending=row["children_pending"],
         version=row["version"],
+        heartbeat_timeout=row["heartbeat_timeout"],
+        idempotency_key=row["idempotency_key"],
     )
 
 
@@ -239,7 +241,10 @@ class Store(abc.ABC):
         - the StepCommit's `events` are appended to the run's journal.
         A waiting workflow parent is woken by each child that finishes, not
         only the last.
-        Workers of queues that got available runs are woken.
+        Workers of queues that got available runs are woken. A committed workflow
+        run records the committing node as its sticky node; where the backend
+        pushes notifications, a wake-up of such a run (here, or by a signal, a
+        timer or a reaped child) goes to that node (see `listen`).
         """
 
     def take_throttled(self) -> list[Throttle]:
@@ -248,10 +253,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
-        """The unconsumed inbox and the children of each run (with `events`, its journal
-        in seq order), in one round trip."""
+        """The unconsumed inbox and the children of each run, in one round trip.
+
+        With `events`, each run's journal in seq order: the entries after seq
+        `after[i]` (all of them when `after` is empty). `children[i]`, when given
+        and not None, limits run i's children to those ids (a cached workflow
+        run needs only the ones it still waits for).
+        """
 
     @abc.abstractmethod
     async def insert_with_journal(
@@ -303,8 +318,25 @@ class Store(abc.ABC):
     async def heartbeat_run(
         self, run_id: str, fence: int, details_json: str, lease_ttl: float
     ) -> bool:
-        """A job's heartbeat: keep `details` on the run (state_data) and extend its lease,
-        under its fence; False when the run is no longer held."""
+        """A job's heartbeat: keep `details` on the run (state_data), note its time (for a
+        heartbeat timeout) and extend its lease, under its fence; False when the run is no
+        longer held."""
+
+    @abc.abstractmethod
+    async def silent_runs(self, limit: int) -> list[Claimed]:
+        """Running runs with a heartbeat_timeout that have gone longer than it without a
+        heartbeat, counting from their claim (whatever their lease says), as claimed.
+
+        Nothing is written: the caller commits their failed attempt as an outcome
+        under the fence returned, so an owner's commit that got there first wins,
+        and the owner's later commit is refused.
+        """
+
+    @abc.abstractmethod
+    async def completed_output(self, name: str, idempotency_key: str) -> str | None:
+        """The output (JSON text) of a completed run of task `name` that held this
+        idempotency key, or None while no such run is kept (none completed, or GC
+        deleted it)."""
 
     # -- timers and recovery ---------------------------------------------------
 
@@ -422,8 +454,13 @@ class Store(abc.ABC):
         """Tell listening workers something happened (a queue name, or 'cancel:<id>')."""
 
     @abc.abstractmethod
-    async def listen(self, callback: Callable[[str], None]) -> bool:
-        """Call `callback(payload)` on notifications; False when the backend cannot push them."""
+    async def listen(self, callback: Callable[[str], None], node: str | None = None) -> bool:
+        """Call `callback(payload)` on notifications; False when the backend cannot push them.
+
+        With `node`, wake-ups routed to that node (a workflow run it parked, whose
+        live coroutine its cache holds, became available) arrive as '~claim'.
+        Routing is advisory: such runs stay claimable by every node.
+        """
 
     def listening(self) -> bool:
         """True while pushed notifications arrive (never, on a polling backend)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -62,12 +63,44 @@ _COPY_COLUMNS = ("id", "name", "queue", "state", "priority", "max_attempts", "in
 _MIGRATION_LOCK = 0x6D61696E  # "main"
 
 
+def node_channel(node: str) -> str:
+    """The LISTEN channel of one node: wake-ups routed to it (a valid, short identifier)."""
+    return "mainspring_" + hashlib.blake2b(node.encode(), digest_size=8).hexdigest()
+
+
+def _routes(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Who to wake for runs that became available: (queues, node channels).
+
+    A workflow run parked by a node (its sticky_node) wakes that node only, whose
+    cache holds it; any other node still claims it on its next claim.
+    """
+    queues: set[str] = set()
+    nodes: set[str] = set()
+    for row in rows:
+        if row["state"] != AVAILABLE:
+            continue
+        sticky = row["sticky_node"]
+        if sticky is None:
+            queues.add(row["queue"])
+        else:
+            nodes.add(node_channel(sticky))
+    return sorted(queues), sorted(nodes)
+
+
 def _same(value: Any) -> Any:
     return value
 
 
 def _run(row: asyncpg.Record) -> Run:
     return run_from_row(row, _same)
+
+
+def _claimed(r: asyncpg.Record) -> Claimed:
+    """A Claimed from a claim's RETURNING row (its columns are in Claimed's field order)."""
+    return Claimed(
+        r[0], r[1], r[2], r[3], payload.loads(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+        r[12], r[13], r[14], r[15], r[16], r[17],
+    )  # fmt: skip
 
 
 def _insert_arrays(runs: Sequence[NewRun]) -> list[list[Any]]:
@@ -81,6 +114,7 @@ def _insert_arrays(runs: Sequence[NewRun]) -> list[list[Any]]:
         [r.parent_id for r in runs], [r.input for r in runs], [r.attributes for r in runs],
         [r.step for r in runs], [r.state_data for r in runs], [r.rate_limit for r in runs],
         [r.weight for r in runs], [r.version for r in runs],
+        [r.heartbeat_timeout for r in runs], [r.idempotency_key for r in runs],
     ]  # fmt: skip
 
 
@@ -243,7 +277,7 @@ class PostgresStore(Store):
                     Q["insert_run"], r.id, r.kind, r.name, r.namespace, r.queue, r.state,
                     r.priority, run_at, r.max_attempts, r.timeout, r.correlation_key,
                     r.concurrency_key, r.parent_id, r.input, r.attributes, r.step, r.state_data,
-                    r.version,
+                    r.version, r.heartbeat_timeout, r.idempotency_key,
                 )  # fmt: skip
                 if row_id is None:
                     return set(), None
@@ -417,18 +451,35 @@ class PostgresStore(Store):
             [e[1] for o in outcomes if o.step for e in o.step.events],
             [e[2] for o in outcomes if o.step for e in o.step.events],
         )
-        woken = sorted({r["queue"] for r in rows if r["state"] == AVAILABLE})
+        woken, nodes = _routes(rows)
         if any(r["state"] == SCHEDULED for r in rows if r["what"] == "child"):
             woken.append("~timer")
-        if woken:
-            await self.notify(",".join(woken))
+        await self._wake(woken, nodes)
         return {r["id"] for r in rows if r["what"] == "run"}
 
+    async def _wake(self, queues: Sequence[str], nodes: Sequence[str], con: Any = None) -> None:
+        """Notify the workers of these queues and these node channels, in one statement."""
+        if nodes:
+            await (con or self.pool).execute(
+                Q["notify_routed"], ",".join(queues) if queues else None, list(nodes)
+            )
+        elif queues:
+            await (con or self.pool).execute(Q["notify"], ",".join(queues))
+
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
         ids = list(run_ids)
-        rows = await self.pool.fetch(Q["load_step_data"], ids, events)
+        only = [None if c is None else payload.dumps(list(c)) for c in children]
+        rows = await self.pool.fetch(
+            Q["load_step_data"], ids, events, list(after) or [0] * len(ids),
+            only or [None] * len(ids),
+        )  # fmt: skip
         loads = payload.loads
         result = {}
         for row in rows:
@@ -436,9 +487,9 @@ class PostgresStore(Store):
                 SignalRow(i, n, p, datetime.fromtimestamp(t, UTC))
                 for i, n, p, t in loads(row["inbox"])
             ]
-            children = [ChildRow(*c) for c in loads(row["children"])]
+            kids = [ChildRow(*c) for c in loads(row["children"])]
             journal = [EventRow(*e) for e in loads(row["events"])] if events else []
-            result[row["id"]] = StepData(inbox, children, journal)
+            result[row["id"]] = StepData(inbox, kids, journal)
         return result
 
     async def insert_with_journal(
@@ -480,7 +531,8 @@ class PostgresStore(Store):
         if row["new_state"] == AVAILABLE:
             # Available before too: a claim that skipped the row while this held its
             # lock may have used up the enqueue's wake-up, so wake the queue again.
-            await self.notify(row["queue"])
+            await self._wake(*_routes([{"state": AVAILABLE, "queue": row["queue"],
+                                        "sticky_node": row["sticky_node"]}]))  # fmt: skip
         return SignalDelivery("delivered", target, woke)
 
     async def set_rate_limits(self, configs: Sequence[RateLimitConfig]) -> None:
@@ -506,6 +558,14 @@ class PostgresStore(Store):
         )
         return row is not None
 
+    async def silent_runs(self, limit: int) -> list[Claimed]:
+        rows = await self.pool.fetch(Q["silent_runs"], limit)
+        return [_claimed(r) for r in rows]
+
+    async def completed_output(self, name: str, idempotency_key: str) -> str | None:
+        value = await self.pool.fetchval(Q["completed_with_key"], name, idempotency_key)
+        return None if value is None else str(value)
+
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
     ) -> set[str]:
@@ -520,16 +580,14 @@ class PostgresStore(Store):
             rows = await con.fetch(Q["promote_due"], limit)
             rows += await con.fetch(Q["expire_awaits"], limit)
             queues = sorted({r[0] for r in rows})
-            if queues:
-                await con.execute(Q["notify"], ",".join(queues))
+            routed = [{"state": AVAILABLE, "queue": r[0], "sticky_node": r[1]} for r in rows]
+            await self._wake(*_routes(routed), con=con)
             nxt = await con.fetchval(Q["next_due"])
         return queues, nxt
 
     async def reap_expired(self, limit: int) -> list[tuple[str, str]]:
         rows = await (await self.relaxed()).fetch(Q["reap_expired"], limit)
-        queues = sorted({r["queue"] for r in rows if r["state"] == "available"})
-        if queues:
-            await self.notify(",".join(queues))
+        await self._wake(*_routes(rows))
         return [(r["id"], r["state"]) for r in rows if r["id"] is not None]
 
     async def delete_terminal(self, finished_before: datetime, limit: int) -> int:
@@ -637,7 +695,7 @@ class PostgresStore(Store):
     async def notify(self, payload_text: str) -> None:
         await self.pool.execute(Q["notify"], payload_text)
 
-    async def listen(self, callback: Callable[[str], None]) -> bool:
+    async def listen(self, callback: Callable[[str], None], node: str | None = None) -> bool:
         """Listen on a dedicated connection; a lost connection is re-established by the caller."""
         if self._listener is not None and not self._listener.is_closed():
             return True
@@ -647,6 +705,8 @@ class PostgresStore(Store):
 
         self._listener = await asyncpg.connect(self.url)
         await self._listener.add_listener(CHANNEL, on_notify)
+        if node is not None:
+            await self._listener.add_listener(node_channel(node), on_notify)
         return True
 
     def listening(self) -> bool:

@@ -335,14 +335,27 @@ class SqliteStore(Store):
         return committed
 
     async def load_step_data(
-        self, run_ids: Sequence[str], *, events: bool = False
+        self,
+        run_ids: Sequence[str],
+        *,
+        events: bool = False,
+        after: Sequence[int] = (),
+        children: Sequence[Sequence[str] | None] = (),
     ) -> dict[str, StepData]:
+        only = dict(zip(run_ids, children, strict=True)) if children else {}
+        every = [r for r in run_ids if only.get(r) is None]
+        pairs = [[r, c] for r, ids in only.items() if ids is not None for c in ids]
+
         def load() -> tuple[list[sqlite3.Row], list[sqlite3.Row], list[sqlite3.Row]]:
             params = {"ids": _json(list(run_ids))}
-            journal = self._fetch("load_events", params) if events else []
-            return self._fetch("inboxes", params), self._fetch("children", params), journal
+            since = list(zip(run_ids, after or [0] * len(run_ids), strict=True))
+            journal = self._fetch("load_events", {"runs": _json(since)}) if events else []
+            kids = self._fetch("children", {"ids": _json(every)}) if every else []
+            if pairs:
+                kids += self._fetch("children_by_id", {"pairs": _json(pairs)})
+            return self._fetch("inboxes", params), kids, journal
 
-        inboxes, children, journal = await self._call(load)
+        inboxes, kids, journal = await self._call(load)
         loads = payload.loads
         result = {run_id: StepData([], []) for run_id in run_ids}
         for r in journal:
@@ -352,7 +365,7 @@ class SqliteStore(Store):
             result[r["target_id"]].inbox.append(
                 SignalRow(r["id"], r["name"], loads(r["payload"]), sent_at)
             )
-        for r in children:
+        for r in kids:
             result[r["parent_id"]].children.append(
                 ChildRow(
                     r["id"], r["kind"], r["name"], r["state"], loads(r["output"]), loads(r["error"])
@@ -454,6 +467,15 @@ class SqliteStore(Store):
             return con.execute(Q["heartbeat_run"], params).fetchone() is not None
 
         return await self._write(beat)
+
+    async def silent_runs(self, limit: int) -> list[Claimed]:
+        params = {"now": time.time(), "limit": limit}
+        return [_claimed(r) for r in await self._call(self._fetch, "silent_runs", params)]
+
+    async def completed_output(self, name: str, idempotency_key: str) -> str | None:
+        params = {"name": name, "key": idempotency_key}
+        rows = await self._call(self._fetch, "completed_with_key", params)
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
 
     async def extend_leases(
         self, node: str, held: Sequence[tuple[str, int]], lease_ttl: float
@@ -658,7 +680,7 @@ class SqliteStore(Store):
         for callback in callbacks:
             callback(payload_text)
 
-    async def listen(self, callback: Callable[[str], None]) -> bool:
+    async def listen(self, callback: Callable[[str], None], node: str | None = None) -> bool:
         with _listeners_lock:
             _listeners.setdefault(self._key, set()).add(callback)
         self._callback = callback
@@ -765,6 +787,7 @@ def _insert_runs(con: sqlite3.Connection, now: float, runs: Sequence[NewRun]) ->
                 r.run_at.timestamp() if r.state == SCHEDULED else None,
                 r.max_attempts, r.timeout, r.correlation_key, r.concurrency_key, r.parent_id,
                 r.input, r.attributes, r.step, r.state_data, r.rate_limit, r.weight, r.version,
+                r.heartbeat_timeout, r.idempotency_key,
             ]
             for r in runs
         ]

@@ -235,6 +235,27 @@ class Replayer:
                 "code did not issue it"
             )
         self.replaying = False
+        # Replayed: what is behind is never looked up again (a cached run keeps the rest).
+        self.recorded = {c: e for c, e in self.recorded.items() if c >= self.next_cmd}
+        self.resolutions = []
+        return self._live()
+
+    def resume(self, children: list[ChildRow], inbox: list[SignalRow], now: datetime) -> TaskResult:
+        """The next workflow task of a run whose coroutine is still live (the workflow cache).
+
+        Valid only when the journal is exactly what this replayer committed: the
+        new results (children, inbox, the clock) are delivered to the waiting
+        code as a replay of the whole journal would deliver them.
+        """
+        self.now = now
+        self.children = {c.id: c for c in children}
+        self.inbox = list(inbox)
+        self.result = TaskResult()
+        return self._live()
+
+    def _live(self) -> TaskResult:
+        """Deliver what has happened to pending commands until the code blocks on the rest."""
+        task = self.main
         while not task.done() and self._resolve_live():
             self._run_ready()
         self._finish(task)

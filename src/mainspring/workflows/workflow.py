@@ -53,6 +53,8 @@ class Workflow:
         queue: str | None = None,
         priority: int | None = None,
         compensate: Task[..., Any] | None = None,
+        heartbeat_timeout: float | None = None,
+        idempotency_key: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run a task (at least once, with its own retries) and return its result.
@@ -61,9 +63,17 @@ class Workflow:
         replay never calls the task again. With `compensate=`, once it succeeds
         that task (called with the same arguments) is registered for
         `compensate_all()`.
+
+        `heartbeat_timeout=S`: an attempt that goes S seconds without a
+        heartbeat (from its claim) is failed and retried, even on a live node.
+        `idempotency_key=k`: if a run of this task with key k completed (in any
+        workflow, or enqueued directly), its output is the result and the task
+        is not called; concurrent activities with k execute once between them.
+        Reused while that run is kept (`App(retention=)`); see `Task.options`.
         """
         given = {"max_attempts": max_attempts, "timeout": timeout, "queue": queue,
-                 "priority": priority}  # fmt: skip
+                 "priority": priority, "heartbeat_timeout": heartbeat_timeout,
+                 "idempotency_key": idempotency_key}  # fmt: skip
         options = {k: v for k, v in given.items() if v is not None}
         result = await self._r.activity(task, args, kwargs, options)
         if compensate is not None:

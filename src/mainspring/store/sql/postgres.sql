@@ -12,18 +12,19 @@
 WITH ins AS (
     INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                          timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-                         step, state_data, rate_limit, weight, version)
+                         step, state_data, rate_limit, weight, version, heartbeat_timeout,
+                         idempotency_key)
     SELECT i.id, i.kind, i.name, i.namespace, i.queue, i.state, i.priority,
            coalesce(i.run_at, now()), i.max_attempts, i.timeout, i.correlation_key,
            i.concurrency_key, i.parent_id, i.input, i.attributes, i.step, i.state_data,
-           i.rate_limit, i.weight, i.version
+           i.rate_limit, i.weight, i.version, i.heartbeat_timeout, i.idempotency_key
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::timestamptz[], $9::int[], $10::float8[], $11::text[],
                 $12::text[], $13::text[], $14::json[], $15::jsonb[], $16::text[], $17::json[],
-                $18::text[], $19::int[], $20::int[])
+                $18::text[], $19::int[], $20::int[], $21::float8[], $22::text[])
          AS i(id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
               timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-              step, state_data, rate_limit, weight, version)
+              step, state_data, rate_limit, weight, version, heartbeat_timeout, idempotency_key)
     ON CONFLICT DO NOTHING
     RETURNING id, queue, state, rate_limit
 ), buckets AS (
@@ -60,9 +61,9 @@ SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'::text[]) AS ids,
 -- held or the id exists.
 INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                      timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-                     step, state_data, version)
+                     step, state_data, version, heartbeat_timeout, idempotency_key)
 VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8, now()), $9, $10, $11, $12, $13, $14, $15, $16,
-        $17, $18)
+        $17, $18, $19, $20)
 ON CONFLICT DO NOTHING
 RETURNING id
 
@@ -248,15 +249,17 @@ RETURNING r.id
 -- The general commit, for batches with machine steps or runs that have a
 -- parent: outcomes as in commit_outcomes plus each step's columns ($8..$18,
 -- written when has_step), the signals it consumed ($19 run ids, $20 signal
--- ids), the children it spawned ($21..$40, as in insert_runs) and its journal
--- entries ($41..$44). In one statement, only for the runs whose fence
+-- ids), the children it spawned ($21..$42, as in insert_runs) and its journal
+-- entries ($43..$46). In one statement, only for the runs whose fence
 -- matched: a park whose run got a signal since the claim (signal_seq moved
 -- past seen_seq) becomes available so the await is
 -- re-checked; terminal runs have their inbox cleared and count toward their
 -- parent's fan-in (the parent's row lock serializes concurrent last children,
 -- so exactly one of them wakes it); buckets of rate-limited steps are created.
--- Returns what = 'run' (committed), 'parent' (fan-in) and 'child' rows with
--- their state and queue, for the wake-ups.
+-- A workflow run remembers the node that committed it (sticky_node: its
+-- workflow cache holds the run). Returns what = 'run' (committed), 'parent'
+-- (fan-in) and 'child' rows with their state, queue and sticky node, for the
+-- wake-ups.
 WITH o AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::json[], $5::json[],
                          $6::timestamptz[], $7::int[], $8::bool[], $9::text[], $10::json[],
@@ -286,10 +289,11 @@ WITH o AS (
         deadline = CASE WHEN o.has_step THEN o.deadline ELSE r.deadline END,
         rate_limit = CASE WHEN o.has_step THEN o.rate_limit ELSE r.rate_limit END,
         weight = CASE WHEN o.has_step THEN o.weight ELSE r.weight END,
-        children_pending = CASE WHEN o.has_step THEN o.n_children ELSE r.children_pending END
+        children_pending = CASE WHEN o.has_step THEN o.n_children ELSE r.children_pending END,
+        sticky_node = CASE WHEN r.kind = 'workflow' THEN r.lease_owner END
     FROM o
     WHERE r.id = ANY($1::text[]) AND r.id = o.id AND r.fence = o.fence
-    RETURNING r.id, r.state, r.queue, r.parent_id, r.rate_limit
+    RETURNING r.id, r.state, r.queue, r.parent_id, r.rate_limit, r.sticky_node
 ), consumed AS (
     UPDATE ms_signals s SET consumed_at = now()
     FROM unnest($19::text[], $20::text[]) AS c(run_id, signal_id)
@@ -304,18 +308,19 @@ WITH o AS (
     -- the children's arrays are insert_runs' arrays, in its order
     INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                          timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-                         step, state_data, rate_limit, weight, version)
+                         step, state_data, rate_limit, weight, version, heartbeat_timeout,
+                         idempotency_key)
     SELECT k.id, k.kind, k.name, k.namespace, k.queue, k.state, k.priority,
            coalesce(k.run_at, now()), k.max_attempts, k.timeout, k.correlation_key,
            k.concurrency_key, k.parent_id, k.input, k.attributes, k.step, k.state_data,
-           k.rate_limit, k.weight, k.version
+           k.rate_limit, k.weight, k.version, k.heartbeat_timeout, k.idempotency_key
     FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $25::text[], $26::text[],
                 $27::int[], $28::timestamptz[], $29::int[], $30::float8[], $31::text[],
                 $32::text[], $33::text[], $34::json[], $35::jsonb[], $36::text[], $37::json[],
-                $38::text[], $39::int[], $40::int[])
+                $38::text[], $39::int[], $40::int[], $41::float8[], $42::text[])
          AS k(id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
               timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-              step, state_data, rate_limit, weight, version)
+              step, state_data, rate_limit, weight, version, heartbeat_timeout, idempotency_key)
     WHERE k.parent_id IN (SELECT id FROM upd)
     RETURNING id, state, queue, rate_limit
 ), fanin AS (
@@ -329,7 +334,7 @@ WITH o AS (
           WHERE state IN ('completed', 'failed', 'cancelled') AND parent_id IS NOT NULL
           GROUP BY parent_id) d
     WHERE p.id = d.parent_id
-    RETURNING p.id, p.state, p.queue
+    RETURNING p.id, p.state, p.queue, p.sticky_node
 ), buckets AS (
     INSERT INTO ms_rate_buckets (key, name)
     SELECT DISTINCT x.rate_limit, split_part(x.rate_limit, ':', 1)
@@ -339,30 +344,39 @@ WITH o AS (
 ), journal AS (
     INSERT INTO ms_events (run_id, seq, kind, data)
     SELECT e.run_id, e.seq, e.kind, e.data
-    FROM unnest($41::text[], $42::int[], $43::text[], $44::json[]) AS e(run_id, seq, kind, data)
+    FROM unnest($43::text[], $44::int[], $45::text[], $46::json[]) AS e(run_id, seq, kind, data)
     WHERE e.run_id IN (SELECT id FROM upd)
 )
-SELECT 'run' AS what, id, state, queue FROM upd
-UNION ALL SELECT 'parent', id, state, queue FROM fanin
-UNION ALL SELECT 'child', id, state, queue FROM kids
+SELECT 'run' AS what, id, state, queue, sticky_node FROM upd
+UNION ALL SELECT 'parent', id, state, queue, sticky_node FROM fanin
+UNION ALL SELECT 'child', id, state, queue, NULL FROM kids
 
 -- load_step_data --
--- Each run's unconsumed inbox and its children (and with $2 its journal), as
--- JSON, in one round trip.
+-- Each run's unconsumed inbox and its children (only those whose ids are in
+-- the JSON array $4[i], when it is not NULL), and with $2 its journal after
+-- seq $3[i], as JSON, in one round trip.
 SELECT t.id,
        CASE WHEN $2::bool THEN
            (SELECT coalesce(json_agg(json_build_array(e.seq, e.kind, e.data) ORDER BY e.seq),
                             '[]'::json)
-            FROM ms_events e WHERE e.run_id = t.id)::text
+            FROM ms_events e WHERE e.run_id = t.id AND e.seq > t.after)::text
        END AS events,
        (SELECT coalesce(json_agg(json_build_array(s.id, s.name, s.payload,
                                                   extract(epoch FROM s.created_at)) ORDER BY s.id),
                         '[]'::json)
         FROM ms_signals s WHERE s.target_id = t.id AND s.consumed_at IS NULL)::text AS inbox,
-       (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output, c.error)
-                                 ORDER BY c.id), '[]'::json)
-        FROM ms_runs c WHERE c.parent_id = t.id)::text AS children
-FROM unnest($1::text[]) AS t(id)
+       CASE WHEN t.wanted IS NULL THEN
+           (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output,
+                                                      c.error) ORDER BY c.id), '[]'::json)
+            FROM ms_runs c WHERE c.parent_id = t.id)::text
+       ELSE
+           (SELECT coalesce(json_agg(json_build_array(c.id, c.kind, c.name, c.state, c.output,
+                                                      c.error) ORDER BY c.id), '[]'::json)
+            FROM ms_runs c
+            WHERE c.id = ANY(ARRAY(SELECT json_array_elements_text(t.wanted::json)))
+              AND c.parent_id = t.id)::text
+       END AS children
+FROM unnest($1::text[], $3::int[], $4::text[]) AS t(id, after, wanted)
 
 -- append_events --
 -- Append journal entries to run $1 ($2 seqs, $3 kinds, $4 data).
@@ -393,11 +407,11 @@ WITH target AS (
                      ELSE r.state END,
         updated_at = now()
     FROM ins WHERE r.id = ins.target_id
-    RETURNING r.state, r.queue
+    RETURNING r.state, r.queue, r.sticky_node
 )
 SELECT (SELECT id FROM target) AS run_id, (SELECT state FROM target) AS old_state,
        (SELECT count(*) FROM ins) AS inserted, (SELECT state FROM wake) AS new_state,
-       (SELECT queue FROM wake) AS queue
+       (SELECT queue FROM wake) AS queue, (SELECT sticky_node FROM wake) AS sticky_node
 
 -- terminal_with_key --
 -- A terminal run that held correlation key $1, if any.
@@ -406,10 +420,32 @@ WHERE correlation_key = $1 AND state IN ('completed', 'failed', 'cancelled')
 LIMIT 1
 
 -- heartbeat_run --
--- A job's heartbeat ($1 id, $2 fence): keep its details and extend its lease.
-UPDATE ms_runs SET state_data = $3::json, lease_expires_at = now() + make_interval(secs => $4)
+-- A job's heartbeat ($1 id, $2 fence): keep its details, note the time (for
+-- its heartbeat timeout) and extend its lease.
+UPDATE ms_runs SET state_data = $3::json, lease_expires_at = now() + make_interval(secs => $4),
+                   heartbeat_at = now()
 WHERE id = $1 AND fence = $2 AND kind = 'job'
 RETURNING id
+
+-- silent_runs --
+-- Running runs with a heartbeat timeout that have gone longer than it without
+-- a heartbeat (counting from their claim: a heartbeat of an earlier attempt
+-- is older than started_at). Columns as claim_runs returns them.
+SELECT r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
+       r.fence, r.timeout, r.created_at, r.parent_id, r.step, r.state_data::text AS state_data,
+       r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
+FROM ms_runs r
+WHERE r.heartbeat_timeout IS NOT NULL AND r.state = 'running'
+  AND greatest(r.started_at, coalesce(r.heartbeat_at, r.started_at))
+      < now() - make_interval(secs => r.heartbeat_timeout)
+ORDER BY r.started_at
+LIMIT $1
+
+-- completed_with_key --
+-- The output of a completed run of task $1 that held idempotency key $2, if any.
+SELECT output::text FROM ms_runs
+WHERE name = $1 AND idempotency_key = $2 AND state = 'completed'
+LIMIT 1
 
 -- extend_leases --
 -- Push out the leases this node ($3) still holds under their fence; returns the
@@ -442,7 +478,7 @@ WITH due AS (
 )
 UPDATE ms_runs r SET state = 'available', updated_at = now()
 FROM due WHERE r.id = due.id
-RETURNING r.queue
+RETURNING r.queue, r.sticky_node
 
 -- next_due --
 -- When the next scheduled run or await deadline is due.
@@ -462,7 +498,7 @@ WHERE r.id IN (SELECT id FROM ms_runs
                LIMIT $1
                FOR UPDATE SKIP LOCKED)
   AND r.state = 'waiting'
-RETURNING r.queue
+RETURNING r.queue, r.sticky_node
 
 -- reap_expired --
 -- Runs whose lease expired go back to available (or failed on their last
@@ -500,10 +536,10 @@ WITH dead AS (
     FROM (SELECT parent_id, count(*) AS n FROM upd
           WHERE state = 'failed' AND parent_id IS NOT NULL GROUP BY parent_id) d
     WHERE p.id = d.parent_id
-    RETURNING p.id, p.state, p.queue
+    RETURNING p.id, p.state, p.queue, p.sticky_node
 )
-SELECT id, state, queue FROM upd
-UNION ALL SELECT NULL, state, queue FROM fanin
+SELECT id, state, queue, NULL AS sticky_node FROM upd
+UNION ALL SELECT NULL, state, queue, sticky_node FROM fanin
 
 -- delete_terminal --
 -- Delete one batch of terminal runs finished before $1 (their signals go by
@@ -635,6 +671,13 @@ DELETE FROM ms_nodes WHERE heartbeat_at < now() - make_interval(secs => $1) RETU
 -- notify --
 -- Wake listeners.
 SELECT pg_notify('mainspring', $1)
+
+-- notify_routed --
+-- Wake the listeners of queues ($1, comma-separated, or NULL) and the nodes
+-- whose channels are $2 (a sticky workflow's owner: its claim loop wakes).
+SELECT pg_notify('mainspring', $1) WHERE $1 IS NOT NULL
+UNION ALL
+SELECT pg_notify(c, '~claim') FROM unnest($2::text[]) AS c
 
 -- set_rate_limit --
 -- Create or replace a rate limit's configuration.

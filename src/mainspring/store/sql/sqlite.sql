@@ -7,7 +7,8 @@
 -- id are skipped. Returns the runs actually inserted.
 INSERT INTO ms_runs (id, kind, name, namespace, queue, state, priority, run_at, max_attempts,
                      timeout, correlation_key, concurrency_key, parent_id, input, attributes,
-                     step, state_data, rate_limit, weight, version, created_at, updated_at)
+                     step, state_data, rate_limit, weight, version, heartbeat_timeout,
+                     idempotency_key, created_at, updated_at)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
        json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
        json_extract(value, '$[6]'), coalesce(json_extract(value, '$[7]'), :now),
@@ -15,7 +16,7 @@ SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(va
        json_extract(value, '$[11]'), json_extract(value, '$[12]'), json_extract(value, '$[13]'),
        json_extract(value, '$[14]'), json_extract(value, '$[15]'), json_extract(value, '$[16]'),
        json_extract(value, '$[17]'), json_extract(value, '$[18]'), json_extract(value, '$[19]'),
-       :now, :now
+       json_extract(value, '$[20]'), json_extract(value, '$[21]'), :now, :now
 FROM json_each(:runs) WHERE true
 ON CONFLICT DO NOTHING
 RETURNING id, queue, state, rate_limit
@@ -207,6 +208,14 @@ SELECT parent_id, id, kind, name, state, output, error FROM ms_runs
 WHERE parent_id IN (SELECT value FROM json_each(:ids))
 ORDER BY parent_id, id
 
+-- children_by_id --
+-- These children of these runs (a JSON array of [parent id, child id]).
+SELECT c.parent_id, c.id, c.kind, c.name, c.state, c.output, c.error
+FROM (SELECT json_extract(value, '$[0]') AS parent_id, json_extract(value, '$[1]') AS id
+      FROM json_each(:pairs)) AS w
+JOIN ms_runs c ON c.id = w.id AND c.parent_id = w.parent_id
+ORDER BY c.parent_id, c.id
+
 -- signal_target --
 -- The run a signal sent by id goes to.
 SELECT id, state FROM ms_runs WHERE id = :id
@@ -243,10 +252,29 @@ WHERE id = :id
 RETURNING state, queue
 
 -- heartbeat_run --
--- A job's heartbeat: keep its details and extend its lease, under its fence.
-UPDATE ms_runs SET state_data = :details, lease_expires_at = :now + :ttl
+-- A job's heartbeat: keep its details, note the time (for its heartbeat
+-- timeout) and extend its lease, under its fence.
+UPDATE ms_runs SET state_data = :details, lease_expires_at = :now + :ttl, heartbeat_at = :now
 WHERE id = :id AND fence = :fence AND kind = 'job'
 RETURNING id
+
+-- silent_runs --
+-- Running runs with a heartbeat timeout that have gone longer than it without
+-- a heartbeat (counting from their claim: a heartbeat of an earlier attempt
+-- is older than started_at). Columns as claim_runs returns them.
+SELECT id, kind, name, queue, input, attempt, max_attempts, fence, timeout, created_at,
+       parent_id, step, state_data, signal_seq, awaits, version, rate_limit, weight
+FROM ms_runs
+WHERE heartbeat_timeout IS NOT NULL AND state = 'running'
+  AND max(started_at, coalesce(heartbeat_at, started_at)) + heartbeat_timeout < :now
+ORDER BY started_at
+LIMIT :limit
+
+-- completed_with_key --
+-- The output of a completed run of task :name that held idempotency key :key, if any.
+SELECT output FROM ms_runs
+WHERE name = :name AND idempotency_key = :key AND state = 'completed'
+LIMIT 1
 
 -- extend_leases --
 -- Push out the leases this node still holds (a JSON array of [id, fence]).
@@ -312,10 +340,13 @@ WHERE id IN (SELECT r.id FROM ms_runs r
 RETURNING id
 
 -- load_events --
--- The journals of these runs (a JSON array of ids), in seq order.
-SELECT run_id, seq, kind, data FROM ms_events
-WHERE run_id IN (SELECT value FROM json_each(:ids))
-ORDER BY run_id, seq
+-- The journals of these runs after a seq each (a JSON array of [id, seq]), in
+-- seq order.
+SELECT e.run_id, e.seq, e.kind, e.data
+FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS after
+      FROM json_each(:runs)) AS t
+JOIN ms_events e ON e.run_id = t.id AND e.seq > t.after
+ORDER BY e.run_id, e.seq
 
 -- append_events --
 -- Append journal entries (a JSON array of [run_id, seq, kind, data-as-JSON-text]).
