@@ -24,6 +24,7 @@ from mainspring import payload
 from mainspring import payload as _payload
 from mainspring.assets.catalog import Assets
 from mainspring.assets.gates import Gates
+from mainspring.assets.limiter import Limiter
 from mainspring.backoff import Backoff
 from mainspring.batching import InsertBatcher
 from mainspring.cron import Cron
@@ -324,6 +325,7 @@ class App:
         self.rate_limits = RateLimits(self)
         self.assets = Assets(self)  # asset pipelines: the methods below delegate to it
         self.gates = Gates(self)
+        self.limiter = Limiter(self)
         self._rate_limits_dirty = False
         self.periodics: list[Periodic] = []
         self.queues: dict[str, QueueConfig] = {}
