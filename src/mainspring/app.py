@@ -38,6 +38,7 @@ from mainspring.store.base import Store
 from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from mainspring.assets.asset import AssetDef
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.search import Page
@@ -532,6 +533,14 @@ class App:
         return register(fn) if fn is not None else register
 
     # -- assets (mainspring.assets: every method delegates to app.assets) ----------
+
+    @overload
+    def asset(self, fn: Callable[..., Any], /) -> AssetDef: ...
+
+    @overload
+    def asset(
+        self, fn: None = None, /, **options: Any
+    ) -> Callable[[Callable[..., Any]], AssetDef]: ...
 
     def asset(self, fn: Any = None, /, **options: Any) -> Any:
         """Register an asset: `@app.asset(deps=[...], partitions=..., io=..., scatter=...,

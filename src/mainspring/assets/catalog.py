@@ -20,6 +20,7 @@ from mainspring.assets.partitions import Partitions
 from mainspring.assets.scatter import ScatterKey, ScatterOptions
 from mainspring.backoff import Backoff
 from mainspring.errors import ConfigError
+from mainspring.run import TERMINAL
 from mainspring.store.base import MaterializationRow
 
 if TYPE_CHECKING:
@@ -69,6 +70,27 @@ class Lineage:
         for down, up in self.edges:
             lines.append(f"    m{up.replace('-', '')} --> m{down.replace('-', '')}")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class AssetProgress:
+    """One asset of a running plan: its run's state, and its scatter instances when any."""
+
+    asset: str
+    state: str
+    instances_done: int = 0
+    instances_total: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanProgress:
+    """How far a materialization has got: assets built of the plan's total, and the assets
+    started so far with their scatter instances."""
+
+    state: str
+    total: int
+    done: int
+    assets: list[AssetProgress]
 
 
 class Assets:
@@ -137,6 +159,8 @@ class Assets:
             self.defs[asset_name] = definition
             if scatter is not None:
                 self._register_scatter(definition)
+            if gate is not None:
+                self.app.gates.install_sweeper()
             self.check()
             func.asset_name = asset_name  # type: ignore[attr-defined]
             return definition
@@ -484,6 +508,26 @@ class Assets:
             pairs.append((name, part if down.partitions is not None else None))
         store = await self.app.store()
         return await store.invalidate_materializations(pairs)
+
+    async def progress_async(self, plan_id: str) -> PlanProgress:
+        """The progress of a materialization plan (for progress bars)."""
+        store = await self.app.store()
+        plan = await self.app.get_run_async(plan_id)
+        levels = (plan.state_data or {}).get("levels") or []
+        children = (await store.load_step_data([plan_id]))[plan_id].children
+        runs = await store.get_runs([c.id for c in children])
+        counts = await store.count_children([r.id for r in runs])
+        found = []
+        for run in sorted(runs, key=lambda r: r.id):
+            mine = counts.get(run.id, {})
+            done = sum(n for state, n in mine.items() if state in TERMINAL)
+            found.append(AssetProgress((run.state_data or {}).get("asset", run.name), run.state,
+                                       done, sum(mine.values())))  # fmt: skip
+        built = sum(a.state == "completed" for a in found)
+        return PlanProgress(plan.state, sum(len(level) for level in levels), built, found)
+
+    def progress(self, plan_id: str) -> PlanProgress:
+        return self.app._sync(self.progress_async(plan_id))
 
     # -- client API (sync) -----------------------------------------------------------
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from mainspring.signals import Signals
 
 SIGNAL = "gate"
+_SWEEPER = "mainspring.assets.sweep_gates"
 _NAMESPACE = uuid.UUID("6d61696e-7370-7269-6e67-000000000006")
 
 
@@ -218,9 +219,9 @@ class Gates:
             raise EncodeError(f"a gate payload must be JSON encodable: {exc}") from None
         store = await self.app.store()
         result, row = await store.signal_gate(gate, uuid7(), data)
-        self.app.telemetry.emit("gate.signal", gate_id=gate, accepted=result == "signaled",
+        self.app.telemetry.emit("gate.signal", gate_id=gate, accepted=result == "resumed",
                                 reason=result)  # fmt: skip
-        if result == "signaled" and row is not None:
+        if result == "resumed" and row is not None:
             return GateSignal(gate, row.run_id, row.asset, row.partition)
         if result == "not_found":
             raise GateNotFound(f"no gate {gate} (its materialization may have been deleted)")
@@ -234,6 +235,30 @@ class Gates:
     def signal(self, token: str, payload_value: Any = None) -> GateSignal:
         """Resolve a gate (sync client); see `signal_async`."""
         return self.app._sync(self.signal_async(token, payload_value))
+
+    async def sweep_async(self, grace: float = 60.0) -> list[GateRow]:
+        """Close gates a run can no longer use: its run finished or is gone (cancelled), or
+        it is `grace` seconds past its expiry (timeout). Runs every minute on the workers of
+        an app with gated assets; the run's own await deadline fires the asset's timeout."""
+        closed = await (await self.app.store()).sweep_gates(grace)
+        for gate in closed:
+            event = "gate.cancel" if gate.status == "cancelled" else "gate.timeout"
+            self.app.telemetry.emit(event, gate_id=gate.id, asset=gate.asset,
+                                    partition=gate.partition, swept=True)  # fmt: skip
+        return closed
+
+    def sweep(self, grace: float = 60.0) -> list[GateRow]:
+        return self.app._sync(self.sweep_async(grace))
+
+    def install_sweeper(self) -> None:
+        """Register the periodic sweep (once), on the catalog's queue."""
+        if _SWEEPER in self.app.tasks:
+            return
+
+        async def sweep_gates() -> int:
+            return len(await self.sweep_async())
+
+        self.app.periodic(cron="* * * * *", name=_SWEEPER, queue=self.app.assets.queue)(sweep_gates)
 
     async def get_async(self, id: str) -> GateRow | None:
         return await (await self.app.store()).get_gate(id)

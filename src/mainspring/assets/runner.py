@@ -350,7 +350,9 @@ class Step:
         gid = gate_id(self.ctx.run_id, round)
         store = await self.app.store()
         if not await store.close_gate(gid, "timeout"):
-            return Next("compute", self.state)  # the signal won the race: it is in the inbox
+            row = await store.get_gate(gid)
+            if row is not None and row.status == "signaled":
+                return Next("compute", self.state)  # the signal won the race: it is in the inbox
         self.app.telemetry.emit("gate.timeout", gate_id=gid, asset=self.asset.name,
                                 partition=self.partition, round=round)  # fmt: skip
         if gate.on_timeout != "fail" and round < gate.max_timeouts:

@@ -511,6 +511,10 @@ class Store(abc.ABC):
         failed, status, created_at, finished_at)."""
 
     @abc.abstractmethod
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """The children of each run counted by state (progress of plans and scatters)."""
+
+    @abc.abstractmethod
     async def create_gate(self, gate: GateRow) -> None:
         """Open a gate (an upsert: reopening a waiting gate moves its expiry)."""
 
@@ -519,9 +523,9 @@ class Store(abc.ABC):
         self, gate_id: str, signal_id: str, payload_json: str
     ) -> tuple[str, GateRow | None]:
         """Resolve a waiting, unexpired gate and put signal "gate" (dedup key = the gate id)
-        in its run's inbox, in one transaction: exactly one caller gets 'signaled'; the
+        in its run's inbox, in one transaction: exactly one caller gets 'resumed'; the
         others get the gate's status ('signaled', 'timeout', 'cancelled', 'expired') or
-        'not_found', and nothing changes."""
+        'not_found', and nothing changes. A gate whose run has finished is cancelled."""
 
     @abc.abstractmethod
     async def get_gate(self, gate_id: str) -> GateRow | None:
@@ -534,6 +538,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_gates(self, status: str | None, limit: int) -> list[GateRow]:
         """Gates (in one status, or all), oldest first."""
+
+    @abc.abstractmethod
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        """Close waiting gates whose run finished or is gone (cancelled) and those more than
+        `grace` seconds past their expiry (timeout); returns them."""
 
     @abc.abstractmethod
     async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:

@@ -751,6 +751,12 @@ class PostgresStore(Store):
     ) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(Q["list_barriers"], asset, partition, limit)]
 
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for r in await self.pool.fetch(Q["count_children"], list(run_ids)):
+            counts.setdefault(r["parent_id"], {})[r["state"]] = r["n"]
+        return counts
+
     async def create_gate(self, gate: GateRow) -> None:
         await self.pool.execute(
             Q["create_gate"], gate.id, gate.run_id, gate.asset, gate.partition, gate.expires_at,
@@ -775,7 +781,7 @@ class PostgresStore(Store):
             await self.notify(queue)
         gate = await self.get_gate(gate_id)
         if run_id is not None:
-            return "signaled", gate
+            return "resumed", gate
         if gate is None:
             return "not_found", None
         return ("expired" if gate.status == "waiting" else gate.status), gate
@@ -791,6 +797,10 @@ class PostgresStore(Store):
         return [
             gate_from_row(r, _same) for r in await self.pool.fetch(Q["list_gates"], status, limit)
         ]
+
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        rows = await self.pool.fetch(Q["sweep_gates"], grace)
+        return [gate_from_row(r, _same) for r in rows]
 
     async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:
         async with self.pool.acquire() as con, con.transaction():

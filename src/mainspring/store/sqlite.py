@@ -789,6 +789,13 @@ class SqliteStore(Store):
             row["created_at"], row["finished_at"] = _ts(row["created_at"]), _ts(row["finished_at"])
         return found
 
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        rows = await self._call(self._fetch, "count_children", {"ids": _json(list(run_ids))})
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            counts.setdefault(r["parent_id"], {})[r["state"]] = r["n"]
+        return counts
+
     async def create_gate(self, gate: GateRow) -> None:
         params = {
             "id": gate.id, "run_id": gate.run_id, "asset": gate.asset,
@@ -818,7 +825,7 @@ class SqliteStore(Store):
             await self.notify(queue)
         gate = await self.get_gate(gate_id)
         if signaled:
-            return "signaled", gate
+            return "resumed", gate
         if gate is None:
             return "not_found", None
         return ("expired" if gate.status == "waiting" else gate.status), gate
@@ -835,6 +842,11 @@ class SqliteStore(Store):
 
     async def list_gates(self, status: str | None, limit: int) -> list[GateRow]:
         rows = await self._call(self._fetch, "list_gates", {"status": status, "limit": limit})
+        return [gate_from_row(r, _ts) for r in rows]
+
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        params = {"now": time.time(), "grace": grace}
+        rows = await self._write(lambda con: con.execute(Q["sweep_gates"], params).fetchall())
         return [gate_from_row(r, _ts) for r in rows]
 
     async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:

@@ -795,6 +795,11 @@ WHERE asset = $1 AND ($2::text IS NULL OR partition = $2)
 ORDER BY created_at DESC, id DESC
 LIMIT $3
 
+-- count_children --
+-- The children of runs $1 counted by state (progress of a plan or a scatter).
+SELECT parent_id, state, count(*) AS n FROM ms_runs WHERE parent_id = ANY($1)
+GROUP BY parent_id, state
+
 -- create_gate --
 -- Open gate $1 for run $2 (an upsert: a step executed again reopens the same
 -- gate with its new expiry; a gate already signaled stays signaled).
@@ -829,6 +834,19 @@ SELECT * FROM ms_gates WHERE ($1::text IS NULL OR status = $1) ORDER BY created_
 -- ensure_bucket --
 -- Create bucket $1 of limit $2 (full) unless it exists.
 INSERT INTO ms_rate_buckets (key, name, tokens) VALUES ($1, $2, NULL) ON CONFLICT (key) DO NOTHING
+
+-- sweep_gates --
+-- The gate sweeper: waiting gates whose run has finished (or is gone) become
+-- cancelled, and waiting gates more than $1 seconds past their expiry become
+-- timeout (their run's await deadline normally closes them first). Returns them.
+UPDATE ms_gates g
+SET status = CASE WHEN r.id IS NULL OR r.state IN ('completed', 'failed', 'cancelled')
+                  THEN 'cancelled' ELSE 'timeout' END
+FROM ms_gates w LEFT JOIN ms_runs r ON r.id = w.run_id
+WHERE g.id = w.id AND g.status = 'waiting'
+  AND (r.id IS NULL OR r.state IN ('completed', 'failed', 'cancelled')
+       OR g.expires_at < now() - $1 * interval '1 second')
+RETURNING g.*
 
 -- take_tokens --
 -- Take $2 tokens from bucket $1 when it holds them, refilled lazily as in the

@@ -584,6 +584,12 @@ WHERE asset = :asset AND (:partition IS NULL OR partition = :partition)
 ORDER BY created_at DESC, id DESC
 LIMIT :limit
 
+-- count_children --
+-- The children of runs :ids (a JSON array) counted by state.
+SELECT parent_id, state, count(*) AS n FROM ms_runs
+WHERE parent_id IN (SELECT value FROM json_each(:ids))
+GROUP BY parent_id, state
+
 -- create_gate --
 -- Open a gate (an upsert: a step executed again reopens it with its new
 -- expiry; a gate already signaled stays signaled).
@@ -614,6 +620,20 @@ UPDATE ms_gates SET status = :status WHERE id = :id AND status = 'waiting' RETUR
 -- Gates in :status (any when NULL), oldest first.
 SELECT * FROM ms_gates WHERE (:status IS NULL OR status = :status)
 ORDER BY created_at, id LIMIT :limit
+
+-- sweep_gates --
+-- The gate sweeper: waiting gates whose run has finished (or is gone) become
+-- cancelled, and waiting gates more than :grace seconds past their expiry
+-- become timeout (their run's await deadline normally closes them first).
+UPDATE ms_gates
+SET status = CASE WHEN coalesce((SELECT r.state FROM ms_runs r WHERE r.id = ms_gates.run_id),
+                                'gone') IN ('gone', 'completed', 'failed', 'cancelled')
+                  THEN 'cancelled' ELSE 'timeout' END
+WHERE status = 'waiting'
+  AND (coalesce((SELECT r.state FROM ms_runs r WHERE r.id = ms_gates.run_id), 'gone')
+           IN ('gone', 'completed', 'failed', 'cancelled')
+       OR expires_at < :now - :grace)
+RETURNING *
 
 -- ensure_bucket --
 -- Create bucket :key of limit :name (full) unless it exists.
