@@ -137,9 +137,10 @@ async def _at_least(items: list[str], n: int) -> bool:
 async def test_the_http_endpoint_resumes_the_gate_and_refuses_bad_tokens(app: ms.App) -> None:
     approved, urls, _ = approval_pipeline(app, ms.Gate(timeout=600))
     transport = httpx.ASGITransport(app=gate_app(app))
-    async with running(app, concurrency=10), httpx.AsyncClient(
-        transport=transport, base_url="http://gates"
-    ) as http:
+    async with (
+        running(app, concurrency=10),
+        httpx.AsyncClient(transport=transport, base_url="http://gates") as http,
+    ):
         handle = await app.assets.materialize_async(approved)
         token = await parked(app, handle, urls)
         assert (await http.post(f"/gates/{token[:-3]}abc", json=True)).status_code == 403
