@@ -121,7 +121,10 @@ async def test_cancelling_the_materialization_cancels_pending_instances(app: ms.
     async with running(app, concurrency=10):
         handle = await app.assets.materialize_async(slow)
         await eventually(lambda: _true(len(started) >= 2))
-        await app.cancel_async(handle.id)
+        events: list[str] = []
+        app.telemetry.attach("scatter.cancel", lambda name, meta: events.append(meta["asset"]))
+        await app.assets.cancel_async(handle.id)
+        assert events == ["slow"]
         await eventually(lambda: _terminal(app, handle.id))
         await asyncio.sleep(0.5)
     assert len(started) < 10

@@ -20,7 +20,7 @@ from mainspring.assets.partitions import Partitions
 from mainspring.assets.scatter import ScatterKey, ScatterOptions
 from mainspring.backoff import Backoff
 from mainspring.errors import ConfigError
-from mainspring.run import TERMINAL
+from mainspring.run import TERMINAL, Run
 from mainspring.store.base import MaterializationRow
 
 if TYPE_CHECKING:
@@ -508,6 +508,31 @@ class Assets:
             pairs.append((name, part if down.partitions is not None else None))
         store = await self.app.store()
         return await store.invalidate_materializations(pairs)
+
+    async def cancel_async(self, run_id: str) -> Run:
+        """Cancel a materialization (a plan, a backfill or one asset's run) and every run
+        under it, pending scatter instances included; scatters in flight are marked
+        cancelled (telemetry scatter.cancel)."""
+        from mainspring.assets.runner import MATERIALIZE
+
+        store = await self.app.store()
+        scattering: list[Run] = []
+        frontier = [run_id]
+        while frontier:
+            runs = [r for r in await store.get_runs(frontier) if not r.terminal]
+            scattering += [r for r in runs if r.name == MATERIALIZE and "barrier" in
+                           (r.state_data or {})]  # fmt: skip
+            data = await store.load_step_data([r.id for r in runs if r.name != MATERIALIZE])
+            frontier = [c.id for d in data.values() for c in d.children if c.kind == "machine"]
+        run = await self.app.cancel_async(run_id)
+        for r in scattering:
+            await store.finish_scatter(r.id, [], "cancelled")
+            self.app.telemetry.emit("scatter.cancel", asset=r.state_data["asset"], barrier=r.id,
+                                    partition=r.state_data["partition"])  # fmt: skip
+        return run
+
+    def cancel(self, run_id: str) -> Run:
+        return self.app._sync(self.cancel_async(run_id))
 
     async def progress_async(self, plan_id: str) -> PlanProgress:
         """The progress of a materialization plan (for progress bars)."""

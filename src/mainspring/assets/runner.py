@@ -272,48 +272,53 @@ class Step:
         return Spawn(calls, then="gather", state=state)
 
     async def gather(self) -> Any:
+        """Record the instances' outcomes; continue with the successes or fail the scatter.
+
+        Idempotent: executed again after a crash it reads the barrier as the first
+        execution left it and reaches the same verdict.
+        """
         asset = self.asset
-        assert asset.scatter_options is not None
+        options = asset.scatter_options
+        assert options is not None
         store = await self.app.store()
         barrier = self.state["barrier"]
-        pending = await store.pending_scatter_keys(barrier)
+        keys = {r.key_hash: r for r in await store.barrier_results(barrier)}
         results: dict[str, ScatterResultRow] = {}
-        failures: dict[str, dict[str, Any]] = {}
+        errors: list[dict[str, Any]] = []
         for child in self.ctx.children:
-            if child.state == COMPLETED and isinstance(child.output, dict) and "h" in child.output:
-                data, compressed = result_bytes(child.output)
-                results[child.output["h"]] = ScatterResultRow(child.output["h"], None, COMPLETED,
-                                                              data, compressed)  # fmt: skip
-            elif child.state != COMPLETED and child.error is not None:
-                failures[child.id] = child.error
-        failed_hashes = pending - set(results)
+            output = child.output
+            if child.state == COMPLETED and isinstance(output, dict) and "h" in output:
+                data, compressed = result_bytes(output)
+                results[output["h"]] = ScatterResultRow(output["h"], keys[output["h"]].key,
+                                                        COMPLETED, data, compressed)  # fmt: skip
+            elif child.error is not None:
+                errors.append(child.error)
+        failed = [h for h, r in keys.items() if r.status != COMPLETED and h not in results]
+        ran = len(self.ctx.children)
+        ok = options.accepts(len(failed), ran)
+        status = ("completed" if not failed else "partial_failure") if ok else "failed"
         rows = list(results.values()) + [
             ScatterResultRow(h, None, "failed", error=payload.dumps({"error": "instance failed"}))
-            for h in failed_hashes
+            for h in failed
         ]
-        ran = len(pending)
-        ok = asset.scatter_options.accepts(len(failed_hashes), ran)
-        status = ("completed" if not failed_hashes else "partial_failure") if ok else "failed"
         await store.finish_scatter(barrier, rows, status)
-        for h in failed_hashes:
+        for h in failed:
             self.app.telemetry.emit("scatter.instance_fail", asset=asset.name, barrier=barrier,
                                     key_hash=h)  # fmt: skip
-        summary = {"total": 0, "ran": ran, "completed": ran - len(failed_hashes),
-                   "failed": len(failed_hashes)}  # fmt: skip
+        summary = {"total": len(keys), "ran": ran, "skipped": len(keys) - ran,
+                   "completed": len(keys) - len(failed), "failed": len(failed)}  # fmt: skip
         if not ok:
             self.app.telemetry.emit("scatter.failed", asset=asset.name, barrier=barrier, **summary)
-            sample = "; ".join(_reason("failed", e) for e in list(failures.values())[:3])
+            sample = "; ".join(_reason("failed", e) for e in errors[:3])
             return await self.fail(
-                f"scatter of {asset.name} failed: {len(failed_hashes)} of {ran} instances "
-                f"failed (threshold {asset.scatter_options.failure_threshold:g}, mode "
-                f"{asset.scatter_options.failure_mode}): {sample}",
+                f"scatter of {asset.name} failed: {len(failed)} of {ran} instances failed "
+                f"(threshold {options.failure_threshold:g}, mode {options.failure_mode}): "
+                f"{sample}",
                 {"asset": asset.name, "scatter": summary},
             )
-        every = await store.barrier_results(barrier)
+        done = {**{h: r for h, r in keys.items() if r.status == COMPLETED}, **results}
         value = [{"key": r.key, "result": decode_result(r.result, r.compressed)}
-                 for r in every if r.status == COMPLETED]  # fmt: skip
-        summary["total"] = len(every)
-        summary["skipped"] = len(every) - ran
+                 for r in done.values()]  # fmt: skip
         self.app.telemetry.emit("scatter.complete", asset=asset.name, barrier=barrier, **summary)
         self.app.telemetry.emit("scatter.gather_ready", asset=asset.name, barrier=barrier,
                                 results=len(value))  # fmt: skip

@@ -496,10 +496,6 @@ class Store(abc.ABC):
         """Record the barrier's instance outcomes and its final counts and status atomically."""
 
     @abc.abstractmethod
-    async def pending_scatter_keys(self, barrier: str) -> set[str]:
-        """The hashes of a barrier's keys still pending."""
-
-    @abc.abstractmethod
     async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
         """Every key of a barrier with its status and result."""
 

@@ -729,9 +729,6 @@ class PostgresStore(Store):
             [r.compressed for r in results], [r.error for r in results], status,
         )  # fmt: skip
 
-    async def pending_scatter_keys(self, barrier: str) -> set[str]:
-        return {r[0] for r in await self.pool.fetch(Q["pending_scatter_keys"], barrier)}
-
     async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
         rows = await self.pool.fetch(Q["barrier_results"], barrier)
         return [

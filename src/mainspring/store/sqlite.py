@@ -761,10 +761,6 @@ class SqliteStore(Store):
 
         await self._write(finish)
 
-    async def pending_scatter_keys(self, barrier: str) -> set[str]:
-        rows = await self._call(self._fetch, "pending_scatter_keys", {"barrier": barrier})
-        return {r[0] for r in rows}
-
     async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
         rows = await self._call(self._fetch, "barrier_results", {"barrier": barrier})
         return [

@@ -779,10 +779,6 @@ SET completed = (SELECT count(*) FROM written WHERE status = 'completed'),
     status = $7, finished_at = now()
 WHERE id = $1
 
--- pending_scatter_keys --
--- The hashes of barrier $1's keys that are still pending.
-SELECT key_hash FROM ms_scatter_results WHERE barrier_id = $1 AND status = 'pending'
-
 -- barrier_results --
 -- Every key of barrier $1 with its status and result.
 SELECT key_hash, key, status, result, compressed, error FROM ms_scatter_results

@@ -568,10 +568,6 @@ SET completed = (SELECT count(*) FROM ms_scatter_results
     status = :status, finished_at = :now
 WHERE id = :id
 
--- pending_scatter_keys --
--- The hashes of barrier :barrier's keys that are still pending.
-SELECT key_hash FROM ms_scatter_results WHERE barrier_id = :barrier AND status = 'pending'
-
 -- barrier_results --
 -- Every key of barrier :barrier with its status and result.
 SELECT key_hash, key, status, result, compressed, error FROM ms_scatter_results
