@@ -72,8 +72,9 @@ async def run(url: str) -> dict[str, Any]:
     server = uvicorn.Server(uvicorn.Config(gate_app(app), host="127.0.0.1", port=port,
                                            log_level="warning"))  # fmt: skip
     serving = asyncio.create_task(server.serve())
-    worker = asyncio.create_task(app.run_worker_async(concurrency=10,
-                                                      install_signal_handlers=False))  # fmt: skip
+    worker = asyncio.create_task(
+        app.run_worker_async(concurrency=10, install_signal_handlers=False)
+    )
     try:
         handle = await app.assets.materialize_async("published")
         await handle.result_async(timeout=60)

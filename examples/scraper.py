@@ -73,8 +73,10 @@ def build(url: str, site: str) -> ms.App:
         ctx.metadata["links"] = html.count("href")
         return [site + path for path in re.findall(r'href="([^"]+)"', html)]
 
-    options = ms.ScatterOptions(max_concurrent=4, rate_limit="site", max_attempts=3,
-                                retry_strategy=ms.Backoff.exponential(base=0.1), timeout=30)  # fmt: skip
+    options = ms.ScatterOptions(
+        max_concurrent=4, rate_limit="site", max_attempts=3,
+        retry_strategy=ms.Backoff.exponential(base=0.1), timeout=30,
+    )  # fmt: skip
 
     @app.asset(deps=[index], scatter=lambda index: [{"url": u} for u in index],
                scatter_options=options)  # fmt: skip
@@ -92,8 +94,8 @@ def build(url: str, site: str) -> ms.App:
 async def run(url: str) -> dict[str, int]:
     with local_site() as site:
         app = build(url, site)
-        worker = asyncio.create_task(app.run_worker_async(concurrency=20,
-                                                          install_signal_handlers=False))  # fmt: skip
+        work = app.run_worker_async(concurrency=20, install_signal_handlers=False)
+        worker = asyncio.create_task(work)
         try:
             handle = await app.assets.materialize_async("word_counts")
             await handle.result_async(timeout=60)
