@@ -140,3 +140,23 @@ async def _true(value: bool) -> bool:
 
 async def _terminal(app: ms.App, run_id: str) -> bool:
     return (await app.get_run_async(run_id)).terminal
+
+
+@aio
+async def test_scatter_instances_take_tokens_from_the_named_rate_limit(app: ms.App) -> None:
+    app.rate_limits.configure("geo_api", allowed=10, period=1, burst=2)
+
+    @app.asset
+    def cities(ctx: ms.AssetContext) -> list[str]:
+        return [f"c{i}" for i in range(8)]
+
+    @app.asset(deps=[cities], scatter=lambda cities: cities,
+               scatter_options=ms.ScatterOptions(rate_limit="geo_api"))  # fmt: skip
+    async def geocoded(ctx: ms.AssetContext, key: str) -> float:
+        return time.time()
+
+    async with running(app, concurrency=20):
+        await (await app.assets.materialize_async(geocoded)).result_async(timeout=30)
+    starts = sorted((await app.assets.value_async(geocoded)).values())
+    assert len(starts) == 8
+    assert starts[-1] - starts[0] >= 0.5  # 2 at once, then 10 per second

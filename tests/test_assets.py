@@ -182,3 +182,23 @@ async def test_a_failing_asset_records_a_failed_materialization_and_fails_the_pl
     assert [m.status for m in history] == ["failed"]
     assert "source down" in history[0].error["message"]
     assert await app.assets.materializations_async(after) == []
+
+
+def test_the_sync_client_api_from_the_issue(app: ms.App) -> None:
+    calls: list[str] = []
+    raw, clean, summary = orders_pipeline(app, calls)
+    run = app.materialize(summary, partition="2026-11-01")
+    app.run_worker(burst=True, install_signal_handlers=False)
+    assert run.result(timeout=5)["asset"] == "summary"
+    assert [m.status for m in app.materializations(summary, partition="2026-11-01")] == [
+        "completed"]  # fmt: skip
+    assert {m.asset for m in app.lineage(summary, partition="2026-11-01").nodes.values()} == {
+        "summary", "clean_orders", "raw_orders"}  # fmt: skip
+    assert "2026-11-01" not in {s.partition for s in app.stale(summary)}
+    assert app.invalidate(clean, partition="2026-11-01") == 2
+    days = ms.DailyPartitions(start="2026-01-01").range("2026-10-01", "2026-10-03")
+    backfill = app.backfill(summary, partitions=days, max_parallel=2)
+    app.run_worker(burst=True, install_signal_handlers=False)
+    assert backfill.result(timeout=5) == {"succeeded": days, "failed": []}
+    assert app.graph(format="mermaid").startswith("graph LR")
+    assert app.assets.value(raw, "2026-10-02")[0]["day"] == "2026-10-02"
