@@ -61,7 +61,7 @@ CREATE TABLE ms_scatter_results (
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (asset, partition, key_hash)
 );
-CREATE INDEX ms_scatter_results_barrier ON ms_scatter_results (barrier_id);
+CREATE INDEX ms_scatter_results_barrier ON ms_scatter_results (barrier_id, key_hash);
 
 -- A signal gate: an asset run waiting for an external decision.
 CREATE TABLE ms_gates (
