@@ -17,6 +17,7 @@ signals, rate limits, queue limits and cancellation are the engine's own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import traceback
@@ -371,39 +372,59 @@ class Step:
 
 # -- scatter instances ---------------------------------------------------------------
 
-_VALUES: OrderedDict[tuple[int, str], Any] = OrderedDict()
-_VALUES_KEPT = 16
 
+class Inputs:
+    """The upstream rows and values of a scatter's instances, loaded once per process.
 
-async def cached_value(assets: Assets, row: MaterializationRow) -> Any:
-    """An upstream value, loaded once per process for the many instances that read it."""
-    key = (id(assets), row.id)
-    if key in _VALUES:
-        _VALUES.move_to_end(key)
-        return _VALUES[key]
-    value = await assets.load(row)
-    _VALUES[key] = value
-    while len(_VALUES) > _VALUES_KEPT:
-        _VALUES.popitem(last=False)
-    return value
+    A thousand instances starting together ask for the same inputs: the first
+    asks the database and the others await its answer (one future per lineage).
+    """
+
+    kept = 8
+
+    def __init__(self, assets: Assets) -> None:
+        self.assets = assets
+        self._loading: OrderedDict[
+            tuple[tuple[str, str], ...],
+            asyncio.Future[tuple[dict[str, MaterializationRow], dict[str, Any]]],
+        ] = OrderedDict()
+
+    async def get(
+        self, lineage: dict[str, str]
+    ) -> tuple[dict[str, MaterializationRow], dict[str, Any]]:
+        key = tuple(sorted(lineage.items()))
+        future = self._loading.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._load(lineage))
+            self._loading[key] = future
+            while len(self._loading) > self.kept:
+                self._loading.popitem(last=False)
+        else:
+            self._loading.move_to_end(key)
+        try:
+            return await asyncio.shield(future)
+        except Exception:
+            if self._loading.get(key) is future:
+                del self._loading[key]  # a failed load is tried again by the next instance
+            raise
+
+    async def _load(
+        self, lineage: dict[str, str]
+    ) -> tuple[dict[str, MaterializationRow], dict[str, Any]]:
+        store = await self.assets.app.store()
+        found = {r.id: r for r in await store.get_materializations(list(lineage.values()))}
+        upstream = {d: found[i] for d, i in lineage.items()}
+        return upstream, {d: await self.assets.load(r) for d, r in upstream.items()}
 
 
 def register_instances(app: App, assets: Assets, asset: AssetDef) -> None:
     """The task that runs one scatter key of `asset` (a child of its materialization)."""
     options = asset.scatter_options
     assert options is not None
-    rows: OrderedDict[str, MaterializationRow] = OrderedDict()
+    inputs = Inputs(assets)
 
     async def instance(partition: str, key: Any, key_hash: str, lineage: dict[str, str]) -> Any:
-        missing = [i for i in lineage.values() if i not in rows]
-        if missing:
-            store = await app.store()
-            for row in await store.get_materializations(missing):
-                rows[row.id] = row
-            while len(rows) > 64:
-                rows.popitem(last=False)
-        upstream = {d: rows[i] for d, i in lineage.items()}
-        values = {d: await cached_value(assets, r) for d, r in upstream.items()}
+        upstream, values = await inputs.get(lineage)
         run = current_run()
         ctx = AssetContext(app, asset.name, partition, run.id, run.attempt, run.node,
                            upstream, key=ScatterKey(key))  # fmt: skip
