@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar, ove
 
 from mainspring import payload
 from mainspring import payload as _payload
+from mainspring.assets.catalog import Assets
+from mainspring.assets.gates import Gates
+from mainspring.assets.limiter import Limiter
 from mainspring.backoff import Backoff
 from mainspring.batching import InsertBatcher
 from mainspring.cron import Cron
@@ -36,6 +39,7 @@ from mainspring.store.base import Store
 from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from mainspring.assets.asset import AssetDef
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.search import Page
@@ -374,6 +378,9 @@ class App:
         self.workflows: dict[str, WorkflowDef] = {}
         self.workflow_versions: dict[tuple[str, str], WorkflowDef] = {}
         self.rate_limits = RateLimits(self)
+        self.assets = Assets(self)  # asset pipelines: the methods below delegate to it
+        self.gates = Gates(self)
+        self.limiter = Limiter(self)
         self._rate_limits_dirty = False
         self.periodics: list[Periodic] = []
         self.queues: dict[str, QueueConfig] = {}
@@ -587,6 +594,49 @@ class App:
             return func
 
         return register(fn) if fn is not None else register
+
+    # -- assets (mainspring.assets: every method delegates to app.assets) ----------
+
+    @overload
+    def asset(self, fn: Callable[..., Any], /) -> AssetDef: ...
+
+    @overload
+    def asset(
+        self, fn: None = None, /, **options: Any
+    ) -> Callable[[Callable[..., Any]], AssetDef]: ...
+
+    def asset(self, fn: Any = None, /, **options: Any) -> Any:
+        """Register an asset: `@app.asset(deps=[...], partitions=..., io=..., scatter=...,
+        gather=..., gate=...)` (see mainspring.assets)."""
+        return self.assets.asset(fn, **options)
+
+    def materialize(self, asset: Any, partition: str | None = None, **options: Any) -> RunHandle:
+        """Build an asset partition after its stale or missing upstream; the plan's handle."""
+        return self.assets.materialize(asset, partition, **options)
+
+    def materializations(self, asset: Any, partition: str | None = None, **options: Any) -> Any:
+        """An asset's materialization history, newest first."""
+        return self.assets.materializations(asset, partition, **options)
+
+    def lineage(self, asset: Any, partition: str | None = None, **options: Any) -> Any:
+        """The materializations a value was built from (ms.assets.Lineage)."""
+        return self.assets.lineage(asset, partition, **options)
+
+    def stale(self, asset: Any) -> Any:
+        """The partitions of an asset that are missing or older than their upstream."""
+        return self.assets.stale(asset)
+
+    def backfill(self, asset: Any, partitions: Iterable[str], **options: Any) -> RunHandle:
+        """Materialize many partitions, at most `max_parallel` at a time; the backfill's handle."""
+        return self.assets.backfill(asset, partitions, **options)
+
+    def invalidate(self, asset: Any, partition: str | None = None) -> int:
+        """Mark an asset (a partition, or all) and its downstream stale."""
+        return self.assets.invalidate(asset, partition)
+
+    def graph(self, format: Literal["mermaid", "text"] = "text") -> str:
+        """The asset graph as Mermaid or text."""
+        return self.assets.graph(format)
 
     async def start_async(
         self,

@@ -463,5 +463,15 @@ def demo(jobs: int, demo_url: str) -> None:
     run_demo(demo_url, jobs, console)
 
 
+def _asset_commands() -> None:
+    from mainspring.assets import cli as assets_cli
+
+    main.add_command(assets_cli.assets_group)
+    main.add_command(assets_cli.serve)
+    bench.add_command(assets_cli.bench_assets)
+
+
+_asset_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -6,7 +6,10 @@ run.heartbeat_timeout (an attempt failed for going silent), run.reused (a run
 completed with the output of its idempotency key's completed run),
 signal.sent, rate_limit.throttled, rate_limit.unknown, workflow.unknown_version,
 workflow.cache_hit / workflow.cache_miss (reason) / workflow.cache_evicted,
-node.up, node.down, node.loop_crashed.
+node.up, node.down, node.loop_crashed; assets: asset.materialized, asset.failed,
+scatter.start/complete/failed/cancel/instance_complete/instance_fail/gather_ready,
+gate.create/signal/timeout/timeout_retry/cancel,
+rate_limit.check/wait/slot_acquired/slot_released.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -44,6 +47,25 @@ EVENTS = (
     "node.up",
     "node.down",
     "node.loop_crashed",
+    # assets (mainspring.assets)
+    "asset.materialized",
+    "asset.failed",
+    "scatter.start",
+    "scatter.complete",
+    "scatter.failed",
+    "scatter.cancel",
+    "scatter.instance_complete",
+    "scatter.instance_fail",
+    "scatter.gather_ready",
+    "gate.create",
+    "gate.signal",
+    "gate.timeout",
+    "gate.timeout_retry",
+    "gate.cancel",
+    "rate_limit.check",
+    "rate_limit.wait",
+    "rate_limit.slot_acquired",
+    "rate_limit.slot_released",
 )
 
 

@@ -474,6 +474,140 @@ class Store(abc.ABC):
         """Whether a failed call may succeed if repeated (connection lost, database busy)."""
         return isinstance(exc, (OSError, TimeoutError, ConnectionError))
 
+    # -- assets (mainspring.assets) ------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_materialization(self, m: MaterializationRow) -> None:
+        """Write a finished materialization; an upsert by id, so a step executed again
+        after a crash rewrites its own row (and clears an invalidation) instead of adding one."""
+
+    @abc.abstractmethod
+    async def latest_materializations(
+        self, assets: Sequence[str], partitions: Sequence[str] | None = None
+    ) -> list[MaterializationRow]:
+        """The latest completed materialization of each (asset, partition) of these assets
+        (of these partitions, or every one)."""
+
+    @abc.abstractmethod
+    async def list_materializations(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[MaterializationRow]:
+        """An asset's materializations (of one partition, or all), newest first."""
+
+    @abc.abstractmethod
+    async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        """The materializations that exist among these ids."""
+
+    @abc.abstractmethod
+    async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
+        """Mark the latest completed materialization of each (asset, partition; None: every
+        partition) invalidated, so it counts as stale; returns how many were marked."""
+
+    @abc.abstractmethod
+    async def put_asset_value(self, key: str, data: bytes, compressed: bool) -> None:
+        """Keep a value out of line (DbIO's large values)."""
+
+    @abc.abstractmethod
+    async def get_asset_value(self, key: str) -> tuple[bytes, bool] | None:
+        """A value kept by put_asset_value: (data, compressed)."""
+
+    @abc.abstractmethod
+    async def start_scatter(
+        self,
+        barrier: str,
+        asset: str,
+        partition: str,
+        run_id: str,
+        inputs: str,
+        keys: Sequence[tuple[str, str]],
+    ) -> set[str]:
+        """Create (or reuse) a scatter barrier and join its keys ((hash, JSON), distinct) to
+        it in one transaction: a key of (asset, partition) already completed from the same
+        `inputs` (upstream fingerprint) stays completed, the others become pending.
+        Returns the pending hashes (they must run). Idempotent for one barrier."""
+
+    @abc.abstractmethod
+    async def finish_scatter(
+        self, barrier: str, results: Sequence[ScatterResultRow], status: str
+    ) -> None:
+        """Record the barrier's instance outcomes and its final counts and status atomically."""
+
+    @abc.abstractmethod
+    async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
+        """Every key of a barrier with its status and result."""
+
+    @abc.abstractmethod
+    async def list_barriers(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """An asset's scatter barriers, newest first (id, run_id, total, skipped, completed,
+        failed, status, created_at, finished_at)."""
+
+    @abc.abstractmethod
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        """The children of each run counted by state (progress of plans and scatters)."""
+
+    @abc.abstractmethod
+    async def create_gate(self, gate: GateRow) -> None:
+        """Open a gate (an upsert: reopening a waiting gate moves its expiry)."""
+
+    @abc.abstractmethod
+    async def signal_gate(
+        self, gate_id: str, signal_id: str, payload_json: str
+    ) -> tuple[str, GateRow | None]:
+        """Resolve a waiting, unexpired gate and put signal "gate" (dedup key = the gate id)
+        in its run's inbox, in one transaction: exactly one caller gets 'resumed'; the
+        others get the gate's status ('signaled', 'timeout', 'cancelled', 'expired') or
+        'not_found', and nothing changes. A gate whose run has finished is cancelled."""
+
+    @abc.abstractmethod
+    async def get_gate(self, gate_id: str) -> GateRow | None:
+        """A gate by id."""
+
+    @abc.abstractmethod
+    async def close_gate(self, gate_id: str, status: str) -> bool:
+        """A waiting gate becomes `status` (timeout, cancelled); False when it was not waiting."""
+
+    @abc.abstractmethod
+    async def list_gates(self, status: str | None, limit: int) -> list[GateRow]:
+        """Gates (in one status, or all), oldest first."""
+
+    @abc.abstractmethod
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        """Close waiting gates whose run finished or is gone (cancelled) and those more than
+        `grace` seconds past their expiry (timeout); returns them."""
+
+    @abc.abstractmethod
+    async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:
+        """Take `cost` tokens from bucket `key` (the claim's buckets) if it holds them:
+        (granted, seconds until `cost` tokens are there); None when its limit is not
+        configured."""
+
+    @abc.abstractmethod
+    async def reset_rate_buckets(self, name: str) -> int:
+        """Refill every bucket of a rate limit."""
+
+    @abc.abstractmethod
+    async def acquire_slot(self, name: str, slots: int, holder: str, ttl: float) -> int | None:
+        """Take the lowest free slot of a semaphore (never held, or its lease lapsed) for
+        `holder`, leased `ttl` seconds; None when all are held. Serialized per name."""
+
+    @abc.abstractmethod
+    async def renew_slot(self, name: str, slot: int, holder: str, ttl: float) -> bool:
+        """Extend a held slot's lease; False when it lapsed or was taken."""
+
+    @abc.abstractmethod
+    async def release_slot(self, name: str, slot: int, holder: str) -> bool:
+        """Give a slot back; False when `holder` no longer held it."""
+
+    @abc.abstractmethod
+    async def list_slots(self, name: str) -> list[tuple[int, str, datetime]]:
+        """The live slots of a semaphore: (slot, holder, lease expiry)."""
+
+    @abc.abstractmethod
+    async def reset_slots(self, name: str) -> int:
+        """Release every slot of a semaphore."""
+
     async def execute_script(self, sql: str) -> None:  # pragma: no cover - used by tests/bench only
         """Run raw SQL (tests and benchmarks)."""
         raise NotImplementedError
@@ -481,3 +615,76 @@ class Store(abc.ABC):
     async def fetch_value(self, sql: str, *args: Any) -> Any:  # pragma: no cover
         """Fetch one value with raw SQL (tests and benchmarks)."""
         raise NotImplementedError
+
+
+# -- rows of the asset layer --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializationRow:
+    """One finished materialization: what was built, from which upstream materializations."""
+
+    id: str
+    asset: str
+    partition: str
+    run_id: str | None
+    status: str
+    value_ref: Any
+    upstream: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    error: dict[str, Any] | None
+    started_at: datetime
+    finished_at: datetime
+    duration_ms: float | None
+    invalidated_at: datetime | None = None
+
+
+def materialization_from_row(
+    row: Any, when: Callable[[Any], datetime | None]
+) -> MaterializationRow:
+    """A MaterializationRow from a full ms_materializations row."""
+    loads = payload.loads
+    return MaterializationRow(
+        id=row["id"], asset=row["asset"], partition=row["partition"], run_id=row["run_id"],
+        status=row["status"], value_ref=loads(row["value_ref"]),
+        upstream=loads(row["upstream"]) or [], metadata=loads(row["metadata"]) or {},
+        error=loads(row["error"]), started_at=when(row["started_at"]),  # type: ignore[arg-type]
+        finished_at=when(row["finished_at"]),  # type: ignore[arg-type]
+        duration_ms=row["duration_ms"], invalidated_at=when(row["invalidated_at"]),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ScatterResultRow:
+    """One scatter key's outcome: status, result bytes (zlib when `compressed`), error JSON."""
+
+    key_hash: str
+    key: Any
+    status: str
+    result: bytes | None = None
+    compressed: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GateRow:
+    """A signal gate: the run waiting on it, its status and expiry."""
+
+    id: str
+    run_id: str
+    asset: str
+    partition: str
+    status: str
+    expires_at: datetime
+    round: int = 0
+    payload: Any = None
+    signaled_at: datetime | None = None
+
+
+def gate_from_row(row: Any, when: Callable[[Any], datetime | None]) -> GateRow:
+    return GateRow(
+        id=row["id"], run_id=row["run_id"], asset=row["asset"], partition=row["partition"],
+        status=row["status"], expires_at=when(row["expires_at"]),  # type: ignore[arg-type]
+        round=row["round"], payload=payload.loads(row["payload"]),
+        signaled_at=when(row["signaled_at"]),
+    )  # fmt: skip

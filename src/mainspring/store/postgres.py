@@ -34,14 +34,19 @@ from mainspring.store.base import (
     BucketStatus,
     ChildRow,
     EventRow,
+    GateRow,
+    MaterializationRow,
     QueueDemand,
     QueueStatus,
     RateLimitConfig,
+    ScatterResultRow,
     SignalDelivery,
     SignalRow,
     StepData,
     Store,
     Throttle,
+    gate_from_row,
+    materialization_from_row,
     run_from_row,
 )
 from mainspring.store.queries import load_migrations, load_queries
@@ -233,15 +238,16 @@ class PostgresStore(Store):
                 "CREATE TABLE IF NOT EXISTS ms_schema (version integer PRIMARY KEY, "
                 "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            current = await con.fetchval("SELECT coalesce(max(version), 0) FROM ms_schema")
+            # Every migration not yet applied runs (numbers may have gaps; see sqlite.py).
+            applied = {r[0] for r in await con.fetch("SELECT version FROM ms_schema")}
             for version, name, sql in load_migrations("postgres"):
-                if version > current:
+                if version not in applied:
                     await con.execute(sql)
                     await con.execute(
                         "INSERT INTO ms_schema (version, name) VALUES ($1, $2)", version, name
                     )
-                    current = version
-            return int(current)
+                    applied.add(version)
+            return int(max(applied, default=0))
 
     async def schema_version(self) -> int:
         exists = await self.pool.fetchval("SELECT to_regclass('ms_schema') IS NOT NULL")
@@ -717,6 +723,172 @@ class PostgresStore(Store):
 
     async def changed(self) -> bool:
         return False
+
+    # -- assets (mainspring.assets) ------------------------------------------------
+
+    async def record_materialization(self, m: MaterializationRow) -> None:
+        dumps = payload.dumps
+        await self.pool.execute(
+            Q["record_materialization"], m.id, m.asset, m.partition, m.run_id, m.status,
+            dumps(m.value_ref), dumps(m.upstream), dumps(m.metadata),
+            None if m.error is None else dumps(m.error), m.started_at, m.finished_at,
+            m.duration_ms,
+        )  # fmt: skip
+
+    async def latest_materializations(
+        self, assets: Sequence[str], partitions: Sequence[str] | None = None
+    ) -> list[MaterializationRow]:
+        rows = await self.pool.fetch(
+            Q["latest_materializations"], list(assets),
+            None if partitions is None else list(partitions),
+        )  # fmt: skip
+        return [materialization_from_row(r, _same) for r in rows]
+
+    async def list_materializations(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[MaterializationRow]:
+        rows = await self.pool.fetch(Q["list_materializations"], asset, partition, limit)
+        return [materialization_from_row(r, _same) for r in rows]
+
+    async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        rows = await self.pool.fetch(Q["get_materializations"], list(ids))
+        return [materialization_from_row(r, _same) for r in rows]
+
+    async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
+        status = await self.pool.execute(
+            Q["invalidate_materializations"], [a for a, _ in pairs], [p for _, p in pairs]
+        )
+        return int(status.split()[-1])
+
+    async def put_asset_value(self, key: str, data: bytes, compressed: bool) -> None:
+        await self.pool.execute(Q["put_asset_value"], key, data, compressed)
+
+    async def get_asset_value(self, key: str) -> tuple[bytes, bool] | None:
+        row = await self.pool.fetchrow(Q["get_asset_value"], key)
+        return None if row is None else (bytes(row["data"]), bool(row["compressed"]))
+
+    async def start_scatter(
+        self,
+        barrier: str,
+        asset: str,
+        partition: str,
+        run_id: str,
+        inputs: str,
+        keys: Sequence[tuple[str, str]],
+    ) -> set[str]:
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute(Q["start_barrier"], barrier, asset, partition, run_id)
+            rows = await con.fetch(
+                Q["mark_scatter_keys"], barrier, asset, partition, len(keys),
+                [h for h, _ in keys], [k for _, k in keys], inputs,
+            )  # fmt: skip
+        return {r[0] for r in rows}
+
+    async def finish_scatter(
+        self, barrier: str, results: Sequence[ScatterResultRow], status: str
+    ) -> None:
+        await self.pool.execute(
+            Q["finish_barrier"], barrier, [r.key_hash for r in results],
+            [r.status for r in results], [r.result for r in results],
+            [r.compressed for r in results], [r.error for r in results], status,
+        )  # fmt: skip
+
+    async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
+        rows = await self.pool.fetch(Q["barrier_results"], barrier)
+        return [
+            ScatterResultRow(
+                r["key_hash"],
+                payload.loads(r["key"]),
+                r["status"],
+                None if r["result"] is None else bytes(r["result"]),
+                r["compressed"],
+                r["error"],
+            )
+            for r in rows
+        ]
+
+    async def list_barriers(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(Q["list_barriers"], asset, partition, limit)]
+
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for r in await self.pool.fetch(Q["count_children"], list(run_ids)):
+            counts.setdefault(r["parent_id"], {})[r["state"]] = r["n"]
+        return counts
+
+    async def create_gate(self, gate: GateRow) -> None:
+        await self.pool.execute(
+            Q["create_gate"], gate.id, gate.run_id, gate.asset, gate.partition, gate.expires_at,
+            gate.round,
+        )  # fmt: skip
+
+    async def signal_gate(
+        self, gate_id: str, signal_id: str, payload_json: str
+    ) -> tuple[str, GateRow | None]:
+        queue = None
+        async with self.pool.acquire() as con, con.transaction():
+            run_id = await con.fetchval(Q["signal_gate"], gate_id, payload_json)
+            if run_id is not None:
+                row = await con.fetchrow(
+                    Q["send_signal"], run_id, signal_id, "gate", payload_json, gate_id, None
+                )
+                if row["old_state"] in TERMINAL:
+                    await con.execute(Q["cancel_gate"], gate_id)
+                    run_id = None
+                queue = row["queue"] if row["new_state"] == AVAILABLE else None
+        if queue is not None:
+            await self.notify(queue)
+        gate = await self.get_gate(gate_id)
+        if run_id is not None:
+            return "resumed", gate
+        if gate is None:
+            return "not_found", None
+        return ("expired" if gate.status == "waiting" else gate.status), gate
+
+    async def get_gate(self, gate_id: str) -> GateRow | None:
+        row = await self.pool.fetchrow(Q["get_gate"], gate_id)
+        return None if row is None else gate_from_row(row, _same)
+
+    async def close_gate(self, gate_id: str, status: str) -> bool:
+        return await self.pool.fetchval(Q["close_gate"], gate_id, status) is not None
+
+    async def list_gates(self, status: str | None, limit: int) -> list[GateRow]:
+        return [
+            gate_from_row(r, _same) for r in await self.pool.fetch(Q["list_gates"], status, limit)
+        ]
+
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        rows = await self.pool.fetch(Q["sweep_gates"], grace)
+        return [gate_from_row(r, _same) for r in rows]
+
+    async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute(Q["ensure_bucket"], key, key.split(":", 1)[0])
+            row = await con.fetchrow(Q["take_tokens"], key, float(cost))
+        return None if row is None else (bool(row["granted"]), float(row["retry_after"]))
+
+    async def reset_rate_buckets(self, name: str) -> int:
+        return int((await self.pool.execute(Q["reset_rate_buckets"], name)).split()[-1])
+
+    async def acquire_slot(self, name: str, slots: int, holder: str, ttl: float) -> int | None:
+        async with self.pool.acquire() as con, con.transaction():
+            await con.execute(Q["lock_slots"], name)
+            slot = await con.fetchval(Q["acquire_slot"], name, slots, holder, ttl)
+        return None if slot is None else int(slot)
+
+    async def renew_slot(self, name: str, slot: int, holder: str, ttl: float) -> bool:
+        return await self.pool.fetchval(Q["renew_slot"], name, slot, holder, ttl) is not None
+
+    async def release_slot(self, name: str, slot: int, holder: str) -> bool:
+        return await self.pool.fetchval(Q["release_slot"], name, slot, holder) is not None
+
+    async def list_slots(self, name: str) -> list[tuple[int, str, datetime]]:
+        return [(r[0], r[1], r[2]) for r in await self.pool.fetch(Q["list_slots"], name)]
+
+    async def reset_slots(self, name: str) -> int:
+        return int((await self.pool.execute(Q["reset_slots"], name)).split()[-1])
 
     async def execute_script(self, sql: str) -> None:
         await self.pool.execute(sql)

@@ -39,14 +39,19 @@ from mainspring.store.base import (
     BucketStatus,
     ChildRow,
     EventRow,
+    GateRow,
+    MaterializationRow,
     QueueDemand,
     QueueStatus,
     RateLimitConfig,
+    ScatterResultRow,
     SignalDelivery,
     SignalRow,
     StepData,
     Store,
     Throttle,
+    gate_from_row,
+    materialization_from_row,
     run_from_row,
 )
 from mainspring.store.queries import load_migrations, load_queries
@@ -176,17 +181,19 @@ class SqliteStore(Store):
                 "CREATE TABLE IF NOT EXISTS ms_schema (version integer PRIMARY KEY, "
                 "name text NOT NULL, applied_at real NOT NULL)"
             )
-            current = con.execute("SELECT coalesce(max(version), 0) FROM ms_schema").fetchone()[0]
+            # Every migration not yet applied runs, so numbers may have gaps and a
+            # branch's migration merged below an applied one still runs.
+            applied = {v for (v,) in con.execute("SELECT version FROM ms_schema")}
             for version, name, sql in load_migrations("sqlite"):
-                if version > current:
+                if version not in applied:
                     for statement in _split_script(sql):
                         con.execute(statement)
                     con.execute(
                         "INSERT INTO ms_schema (version, name, applied_at) VALUES (?, ?, ?)",
                         (version, name, time.time()),
                     )
-                    current = version
-            return int(current)
+                    applied.add(version)
+            return max(applied, default=0)
 
         return await self._write(apply)
 
@@ -399,28 +406,8 @@ class SqliteStore(Store):
         dedup_key: str | None,
     ) -> SignalDelivery:
         def deliver(con: sqlite3.Connection) -> tuple[SignalDelivery, str | None]:
-            now = time.time()
-            target = _signal_target(con, run_id, correlation_key)
-            if target is None:
-                return SignalDelivery("not_found"), None
-            if target["state"] in TERMINAL:
-                return SignalDelivery("terminal", target["id"]), None
-            signal = {
-                "id": signal_id,
-                "target": target["id"],
-                "name": name,
-                "payload": payload_json,
-                "dedup_key": dedup_key,
-                "now": now,
-            }
-            if con.execute(Q["insert_signal"], signal).fetchone() is None:
-                return SignalDelivery("duplicate", target["id"]), None
-            row = con.execute(Q["signal_run"], {"id": target["id"], "name": name, "now": now})
-            after = row.fetchone()
-            woke = target["state"] == WAITING and after["state"] == AVAILABLE
-            # An available run is woken too: a claim that skipped it may have used the wake-up.
-            wake = after["queue"] if after["state"] == AVAILABLE else None
-            return SignalDelivery("delivered", target["id"], woke), wake
+            signal = (signal_id, name, payload_json, dedup_key)
+            return _deliver(con, time.time(), run_id, correlation_key, *signal)
 
         delivery, queue = await self._write(deliver)
         if queue is not None:
@@ -699,6 +686,239 @@ class SqliteStore(Store):
         changed, self._data_version = current != self._data_version, current
         return changed
 
+    # -- assets (mainspring.assets) ------------------------------------------------
+
+    async def record_materialization(self, m: MaterializationRow) -> None:
+        dumps = payload.dumps
+        params = {
+            "id": m.id, "asset": m.asset, "partition": m.partition, "run_id": m.run_id,
+            "status": m.status, "value_ref": dumps(m.value_ref), "upstream": dumps(m.upstream),
+            "metadata": dumps(m.metadata), "error": None if m.error is None else dumps(m.error),
+            "started_at": _epoch(m.started_at), "finished_at": _epoch(m.finished_at),
+            "duration_ms": m.duration_ms,
+        }  # fmt: skip
+        await self._write(lambda con: con.execute(Q["record_materialization"], params))
+
+    async def latest_materializations(
+        self, assets: Sequence[str], partitions: Sequence[str] | None = None
+    ) -> list[MaterializationRow]:
+        params = {
+            "assets": _json(list(assets)),
+            "partitions": None if partitions is None else _json(list(partitions)),
+        }
+        rows = await self._call(self._fetch, "latest_materializations", params)
+        return [materialization_from_row(r, _ts) for r in rows]
+
+    async def list_materializations(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[MaterializationRow]:
+        params = {"asset": asset, "partition": partition, "limit": limit}
+        rows = await self._call(self._fetch, "list_materializations", params)
+        return [materialization_from_row(r, _ts) for r in rows]
+
+    async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        rows = await self._call(self._fetch, "get_materializations", {"ids": _json(list(ids))})
+        return [materialization_from_row(r, _ts) for r in rows]
+
+    async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
+        params = {"pairs": _json([list(p) for p in pairs]), "now": time.time()}
+        return await self._write(
+            lambda con: con.execute(Q["invalidate_materializations"], params).rowcount
+        )
+
+    async def put_asset_value(self, key: str, data: bytes, compressed: bool) -> None:
+        params = {"key": key, "data": data, "compressed": int(compressed)}
+        await self._write(lambda con: con.execute(Q["put_asset_value"], params))
+
+    async def get_asset_value(self, key: str) -> tuple[bytes, bool] | None:
+        rows = await self._call(self._fetch, "get_asset_value", {"key": key})
+        return None if not rows else (bytes(rows[0]["data"]), bool(rows[0]["compressed"]))
+
+    async def start_scatter(
+        self,
+        barrier: str,
+        asset: str,
+        partition: str,
+        run_id: str,
+        inputs: str,
+        keys: Sequence[tuple[str, str]],
+    ) -> set[str]:
+        def start(con: sqlite3.Connection) -> set[str]:
+            now = time.time()
+            base = {"asset": asset, "partition": partition, "now": now}
+            con.execute(Q["start_barrier"], {**base, "id": barrier, "run_id": run_id})
+            pending: set[str] = set()
+            for key_hash, key in keys:
+                params = {**base, "hash": key_hash, "key": key, "barrier": barrier,
+                          "inputs": inputs}  # fmt: skip
+                if con.execute(Q["mark_scatter_key"], params).fetchone()[0] == "pending":
+                    pending.add(key_hash)
+            counts = {"id": barrier, "total": len(keys), "skipped": len(keys) - len(pending)}
+            con.execute(Q["count_barrier"], counts)
+            return pending
+
+        return await self._write(start)
+
+    async def finish_scatter(
+        self, barrier: str, results: Sequence[ScatterResultRow], status: str
+    ) -> None:
+        def finish(con: sqlite3.Connection) -> None:
+            now = time.time()
+            con.executemany(
+                Q["write_scatter_result"],
+                [
+                    {
+                        "barrier": barrier,
+                        "hash": r.key_hash,
+                        "status": r.status,
+                        "result": r.result,
+                        "compressed": int(r.compressed),
+                        "error": r.error,
+                        "now": now,
+                    }
+                    for r in results
+                ],
+            )
+            con.execute(Q["close_barrier"], {"id": barrier, "status": status, "now": now})
+
+        await self._write(finish)
+
+    async def barrier_results(self, barrier: str) -> list[ScatterResultRow]:
+        rows = await self._call(self._fetch, "barrier_results", {"barrier": barrier})
+        return [
+            ScatterResultRow(
+                r["key_hash"],
+                payload.loads(r["key"]),
+                r["status"],
+                r["result"],
+                bool(r["compressed"]),
+                r["error"],
+            )
+            for r in rows
+        ]
+
+    async def list_barriers(
+        self, asset: str, partition: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        params = {"asset": asset, "partition": partition, "limit": limit}
+        rows = await self._call(self._fetch, "list_barriers", params)
+        found = [dict(r) for r in rows]
+        for row in found:
+            row["created_at"], row["finished_at"] = _ts(row["created_at"]), _ts(row["finished_at"])
+        return found
+
+    async def count_children(self, run_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+        rows = await self._call(self._fetch, "count_children", {"ids": _json(list(run_ids))})
+        counts: dict[str, dict[str, int]] = {}
+        for r in rows:
+            counts.setdefault(r["parent_id"], {})[r["state"]] = r["n"]
+        return counts
+
+    async def create_gate(self, gate: GateRow) -> None:
+        params = {
+            "id": gate.id, "run_id": gate.run_id, "asset": gate.asset,
+            "partition": gate.partition, "expires_at": _epoch(gate.expires_at),
+            "round": gate.round, "now": time.time(),
+        }  # fmt: skip
+        await self._write(lambda con: con.execute(Q["create_gate"], params))
+
+    async def signal_gate(
+        self, gate_id: str, signal_id: str, payload_json: str
+    ) -> tuple[str, GateRow | None]:
+        def resolve(con: sqlite3.Connection) -> tuple[bool, str | None]:
+            now = time.time()
+            params = {"id": gate_id, "payload": payload_json, "now": now}
+            row = con.execute(Q["signal_gate"], params).fetchone()
+            if row is None:
+                return False, None
+            signal = (signal_id, "gate", payload_json, gate_id)
+            delivery, queue = _deliver(con, now, row["run_id"], None, *signal)
+            if delivery.result == "terminal":
+                con.execute(Q["cancel_gate"], {"id": gate_id})
+                return False, None
+            return True, queue
+
+        signaled, queue = await self._write(resolve)
+        if queue is not None:
+            await self.notify(queue)
+        gate = await self.get_gate(gate_id)
+        if signaled:
+            return "resumed", gate
+        if gate is None:
+            return "not_found", None
+        return ("expired" if gate.status == "waiting" else gate.status), gate
+
+    async def get_gate(self, gate_id: str) -> GateRow | None:
+        rows = await self._call(self._fetch, "get_gate", {"id": gate_id})
+        return gate_from_row(rows[0], _ts) if rows else None
+
+    async def close_gate(self, gate_id: str, status: str) -> bool:
+        params = {"id": gate_id, "status": status}
+        return await self._write(
+            lambda con: con.execute(Q["close_gate"], params).fetchone() is not None
+        )
+
+    async def list_gates(self, status: str | None, limit: int) -> list[GateRow]:
+        rows = await self._call(self._fetch, "list_gates", {"status": status, "limit": limit})
+        return [gate_from_row(r, _ts) for r in rows]
+
+    async def sweep_gates(self, grace: float) -> list[GateRow]:
+        params = {"now": time.time(), "grace": grace}
+        rows = await self._write(lambda con: con.execute(Q["sweep_gates"], params).fetchall())
+        return [gate_from_row(r, _ts) for r in rows]
+
+    async def take_tokens(self, key: str, cost: float) -> tuple[bool, float] | None:
+        def take(con: sqlite3.Connection) -> tuple[bool, float] | None:
+            now = time.time()
+            params = {"key": key, "name": key.split(":", 1)[0], "now": now}
+            con.execute(Q["ensure_bucket"], params)
+            row = con.execute(Q["bucket_tokens"], params).fetchone()
+            if row is None:
+                return None
+            tokens = float(row["tokens"])
+            granted = tokens + _TOKEN_SLACK >= cost
+            left = tokens - cost if granted else tokens
+            con.execute(Q["set_bucket_tokens"], {"key": key, "tokens": left, "now": now})
+            wait = 0.0 if granted else (cost - tokens) * row["period"] / row["allowed"]
+            return granted, wait
+
+        return await self._write(take)
+
+    async def reset_rate_buckets(self, name: str) -> int:
+        return await self._write(
+            lambda con: con.execute(Q["reset_rate_buckets"], {"name": name}).rowcount
+        )
+
+    async def acquire_slot(self, name: str, slots: int, holder: str, ttl: float) -> int | None:
+        def acquire(con: sqlite3.Connection) -> int | None:
+            now = time.time()
+            params = {"name": name, "slots": slots, "holder": holder, "now": now,
+                      "expires": now + ttl}  # fmt: skip
+            row = con.execute(Q["acquire_slot"], params).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._write(acquire)
+
+    async def renew_slot(self, name: str, slot: int, holder: str, ttl: float) -> bool:
+        now = time.time()
+        params = {"name": name, "slot": slot, "holder": holder, "now": now, "expires": now + ttl}
+        return await self._write(
+            lambda con: con.execute(Q["renew_slot"], params).fetchone() is not None
+        )
+
+    async def release_slot(self, name: str, slot: int, holder: str) -> bool:
+        params = {"name": name, "slot": slot, "holder": holder}
+        return await self._write(
+            lambda con: con.execute(Q["release_slot"], params).fetchone() is not None
+        )
+
+    async def list_slots(self, name: str) -> list[tuple[int, str, datetime]]:
+        rows = await self._call(self._fetch, "list_slots", {"name": name, "now": time.time()})
+        return [(r[0], r[1], datetime.fromtimestamp(r[2], UTC)) for r in rows]
+
+    async def reset_slots(self, name: str) -> int:
+        return await self._write(lambda con: con.execute(Q["reset_slots"], {"name": name}).rowcount)
+
     async def execute_script(self, sql: str) -> None:
         await self._call(self.con.executescript, sql)
 
@@ -708,6 +928,40 @@ class SqliteStore(Store):
             return row[0] if row else None
 
         return await self._call(fetch)
+
+
+def _deliver(
+    con: sqlite3.Connection,
+    now: float,
+    run_id: str | None,
+    correlation_key: str | None,
+    signal_id: str,
+    name: str,
+    payload_json: str,
+    dedup_key: str | None,
+) -> tuple[SignalDelivery, str | None]:
+    """Put a signal in its run's inbox inside the caller's transaction (see send_signal);
+    returns the delivery and the queue to wake."""
+    target = _signal_target(con, run_id, correlation_key)
+    if target is None:
+        return SignalDelivery("not_found"), None
+    if target["state"] in TERMINAL:
+        return SignalDelivery("terminal", target["id"]), None
+    signal = {
+        "id": signal_id,
+        "target": target["id"],
+        "name": name,
+        "payload": payload_json,
+        "dedup_key": dedup_key,
+        "now": now,
+    }
+    if con.execute(Q["insert_signal"], signal).fetchone() is None:
+        return SignalDelivery("duplicate", target["id"]), None
+    after = con.execute(Q["signal_run"], {"id": target["id"], "name": name, "now": now}).fetchone()
+    woke = target["state"] == WAITING and after["state"] == AVAILABLE
+    # An available run is woken too: a claim that skipped it may have used the wake-up.
+    wake = after["queue"] if after["state"] == AVAILABLE else None
+    return SignalDelivery("delivered", target["id"], woke), wake
 
 
 def _signal_target(

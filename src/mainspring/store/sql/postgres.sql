@@ -715,3 +715,233 @@ WHERE l.name = b.name
   AND coalesce(b.tokens, l.burst)
       + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period >= l.burst
   AND NOT EXISTS (SELECT 1 FROM ms_runs r WHERE r.state = 'available' AND r.rate_limit = b.key)
+
+-- == assets (mainspring.assets) ==================================================
+
+-- record_materialization --
+-- Write a finished materialization; an upsert by id, so a step executed again
+-- after a crash rewrites its own row instead of adding one.
+INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
+                                 metadata, error, started_at, finished_at, duration_ms)
+VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8::json, $9::json, $10, $11, $12)
+ON CONFLICT (id) DO UPDATE
+SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
+    metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
+    duration_ms = excluded.duration_ms, invalidated_at = NULL
+
+-- latest_materializations --
+-- The latest completed materialization of each (asset, partition) of assets $1
+-- (partitions $2, or every partition when $2 is NULL).
+SELECT DISTINCT ON (asset, partition) *
+FROM ms_materializations
+WHERE asset = ANY($1) AND ($2::text[] IS NULL OR partition = ANY($2)) AND status = 'completed'
+ORDER BY asset, partition, finished_at DESC, id DESC
+
+-- list_materializations --
+-- The materializations of asset $1 (of partition $2 when not NULL), newest first, at most $3.
+SELECT * FROM ms_materializations
+WHERE asset = $1 AND ($2::text IS NULL OR partition = $2)
+ORDER BY finished_at DESC, id DESC
+LIMIT $3
+
+-- get_materializations --
+-- Materializations by id.
+SELECT * FROM ms_materializations WHERE id = ANY($1)
+
+-- invalidate_materializations --
+-- Mark the latest completed materialization of each (asset $1[i], partition
+-- $2[i]; a NULL partition: every partition of the asset) invalidated, so the
+-- asset counts as stale there. Returns how many were marked.
+WITH latest AS (
+    SELECT DISTINCT ON (m.asset, m.partition) m.id, m.invalidated_at
+    FROM ms_materializations m
+    JOIN unnest($1::text[], $2::text[]) AS w (asset, partition)
+      ON m.asset = w.asset AND (w.partition IS NULL OR m.partition = w.partition)
+    WHERE m.status = 'completed'
+    ORDER BY m.asset, m.partition, m.finished_at DESC, m.id DESC
+)
+UPDATE ms_materializations m SET invalidated_at = now()
+FROM latest WHERE m.id = latest.id AND latest.invalidated_at IS NULL
+
+-- put_asset_value --
+-- Store a value DbIO keeps out of line.
+INSERT INTO ms_asset_values (key, data, compressed) VALUES ($1, $2, $3)
+ON CONFLICT (key) DO UPDATE SET data = excluded.data, compressed = excluded.compressed
+
+-- get_asset_value --
+-- A value DbIO stored out of line.
+SELECT data, compressed FROM ms_asset_values WHERE key = $1
+
+-- start_barrier --
+-- Create scatter barrier $1 for asset $2, partition $3, run $4 (an upsert: a
+-- step executed again reuses it); its total is set by mark_scatter_keys.
+INSERT INTO ms_scatter_barriers (id, asset, partition, run_id, total, status)
+VALUES ($1, $2, $3, $4, 0, 'executing')
+ON CONFLICT (id) DO NOTHING
+
+-- mark_scatter_keys --
+-- Keys ($5 hashes, $6 JSON) of barrier $1 join it for (asset $2, partition
+-- $3): a key completed there from the same inputs ($7) stays completed, every
+-- other becomes pending. Returns the pending hashes (they must run) and sets
+-- the barrier's total ($4) and skipped counts.
+WITH marked AS (
+    INSERT INTO ms_scatter_results AS r (asset, partition, key_hash, key, inputs, barrier_id,
+                                         status)
+    SELECT $2, $3, k.h, k.j::json, $7, $1, 'pending' FROM unnest($5::text[], $6::text[]) AS k (h, j)
+    ON CONFLICT (asset, partition, key_hash) DO UPDATE
+    SET barrier_id = excluded.barrier_id, inputs = excluded.inputs, updated_at = now(),
+        status = CASE WHEN r.status = 'completed' AND r.inputs = excluded.inputs
+                      THEN 'completed' ELSE 'pending' END,
+        result = CASE WHEN r.status = 'completed' AND r.inputs = excluded.inputs
+                      THEN r.result END,
+        compressed = r.compressed AND r.status = 'completed' AND r.inputs = excluded.inputs,
+        error = NULL
+    RETURNING key_hash, status
+), counted AS (
+    UPDATE ms_scatter_barriers
+    SET total = $4, skipped = (SELECT count(*) FROM marked WHERE status = 'completed')
+    WHERE id = $1
+)
+SELECT key_hash FROM marked WHERE status = 'pending'
+
+-- finish_barrier --
+-- Record the outcome of barrier $1's instances ($2 hashes, $3 statuses, $4
+-- results, $5 compressed flags, $6 errors) and its status $7.
+WITH written AS (
+    UPDATE ms_scatter_results r
+    SET status = o.status, result = o.result, compressed = o.compressed, error = o.error::json,
+        updated_at = now()
+    FROM unnest($2::text[], $3::text[], $4::bytea[], $5::boolean[], $6::text[])
+         AS o (h, status, result, compressed, error)
+    WHERE r.barrier_id = $1 AND r.key_hash = o.h
+    RETURNING r.status
+)
+UPDATE ms_scatter_barriers
+SET completed = (SELECT count(*) FROM written WHERE status = 'completed'),
+    failed = (SELECT count(*) FROM written WHERE status = 'failed'),
+    status = $7, finished_at = now()
+WHERE id = $1
+
+-- barrier_results --
+-- Every key of barrier $1 with its status and result.
+SELECT key_hash, key, status, result, compressed, error FROM ms_scatter_results
+WHERE barrier_id = $1
+
+-- list_barriers --
+-- The scatter barriers of asset $1 (partition $2 when not NULL), newest first.
+SELECT * FROM ms_scatter_barriers
+WHERE asset = $1 AND ($2::text IS NULL OR partition = $2)
+ORDER BY created_at DESC, id DESC
+LIMIT $3
+
+-- count_children --
+-- The children of runs $1 counted by state (progress of a plan or a scatter).
+SELECT parent_id, state, count(*) AS n FROM ms_runs WHERE parent_id = ANY($1)
+GROUP BY parent_id, state
+
+-- create_gate --
+-- Open gate $1 for run $2 (an upsert: a step executed again reopens the same
+-- gate with its new expiry; a gate already signaled stays signaled).
+INSERT INTO ms_gates AS g (id, run_id, asset, partition, status, expires_at, round)
+VALUES ($1, $2, $3, $4, 'waiting', $5, $6)
+ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
+WHERE g.status = 'waiting'
+
+-- signal_gate --
+-- Gate $1 goes from waiting to signaled with payload $2 when it has not
+-- expired; returns its run. One caller wins: the row lock serializes them.
+UPDATE ms_gates SET status = 'signaled', payload = $2::json, signaled_at = now()
+WHERE id = $1 AND status = 'waiting' AND expires_at > now()
+RETURNING run_id
+
+-- cancel_gate --
+-- Gate $1 is cancelled (its run finished before the signal came).
+UPDATE ms_gates SET status = 'cancelled' WHERE id = $1
+
+-- get_gate --
+-- A gate by id.
+SELECT * FROM ms_gates WHERE id = $1
+
+-- close_gate --
+-- A waiting gate $1 becomes $2 (timeout, cancelled); true when it was waiting.
+UPDATE ms_gates SET status = $2 WHERE id = $1 AND status = 'waiting' RETURNING id
+
+-- list_gates --
+-- Gates in status $1 (any when NULL), oldest first.
+SELECT * FROM ms_gates WHERE ($1::text IS NULL OR status = $1) ORDER BY created_at, id LIMIT $2
+
+-- ensure_bucket --
+-- Create bucket $1 of limit $2 (full) unless it exists.
+INSERT INTO ms_rate_buckets (key, name, tokens) VALUES ($1, $2, NULL) ON CONFLICT (key) DO NOTHING
+
+-- sweep_gates --
+-- The gate sweeper: waiting gates whose run has finished (or is gone) become
+-- cancelled, and waiting gates more than $1 seconds past their expiry become
+-- timeout (their run's await deadline normally closes them first). Returns them.
+UPDATE ms_gates g
+SET status = CASE WHEN r.id IS NULL OR r.state IN ('completed', 'failed', 'cancelled')
+                  THEN 'cancelled' ELSE 'timeout' END
+FROM ms_gates w LEFT JOIN ms_runs r ON r.id = w.run_id
+WHERE g.id = w.id AND g.status = 'waiting'
+  AND (r.id IS NULL OR r.state IN ('completed', 'failed', 'cancelled')
+       OR g.expires_at < now() - $1 * interval '1 second')
+RETURNING g.*
+
+-- take_tokens --
+-- Take $2 tokens from bucket $1 when it holds them, refilled lazily as in the
+-- claim (the same buckets: runs and limiter checks share them). Returns
+-- granted and the seconds until $2 tokens are there; no row when the bucket's
+-- limit is not configured.
+WITH now_tokens AS (
+    SELECT b.key, least(c.burst::float8, coalesce(b.tokens, c.burst)
+                 + extract(epoch FROM now() - b.refilled_at) * c.allowed / c.period) AS tokens,
+           c.allowed, c.period
+    FROM ms_rate_buckets b JOIN ms_rate_limits c ON c.name = b.name
+    WHERE b.key = $1
+    FOR UPDATE OF b
+), taken AS (
+    UPDATE ms_rate_buckets b
+    SET tokens = n.tokens - CASE WHEN n.tokens >= $2 THEN $2 ELSE 0 END, refilled_at = now()
+    FROM now_tokens n WHERE b.key = n.key
+    RETURNING n.tokens AS before, n.allowed, n.period
+)
+SELECT before >= $2 AS granted, greatest(0.0, ($2 - before) * period / allowed) AS retry_after
+FROM taken
+
+-- reset_rate_buckets --
+-- Refill every bucket of limit $1 (they start full when next named).
+DELETE FROM ms_rate_buckets WHERE name = $1
+
+-- lock_slots --
+-- Serialize slot acquisitions of semaphore $1 for the rest of the transaction.
+SELECT pg_advisory_xact_lock(hashtext('ms_slots:' || $1))
+
+-- acquire_slot --
+-- Take the lowest free slot (never held, or its lease lapsed) of semaphore $1
+-- with $2 slots, for holder $3, leased for $4 seconds; returns the slot.
+INSERT INTO ms_slots AS s (name, slot, holder, expires_at)
+SELECT $1, n, $3, now() + $4 * interval '1 second'
+FROM generate_series(0, $2 - 1) AS n
+WHERE NOT EXISTS (SELECT 1 FROM ms_slots h WHERE h.name = $1 AND h.slot = n
+                  AND h.expires_at > now())
+ORDER BY n LIMIT 1
+ON CONFLICT (name, slot) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+RETURNING slot
+
+-- renew_slot --
+-- Extend holder $3's lease on slot $2 of semaphore $1 by $4 seconds; true when still held.
+UPDATE ms_slots SET expires_at = now() + $4 * interval '1 second'
+WHERE name = $1 AND slot = $2 AND holder = $3 AND expires_at > now()
+RETURNING slot
+
+-- release_slot --
+-- Give back slot $2 of semaphore $1 held by $3.
+DELETE FROM ms_slots WHERE name = $1 AND slot = $2 AND holder = $3 RETURNING slot
+
+-- list_slots --
+-- The live slots of semaphore $1.
+SELECT slot, holder, expires_at FROM ms_slots WHERE name = $1 AND expires_at > now() ORDER BY slot
+
+-- reset_slots --
+-- Release every slot of semaphore $1.
+DELETE FROM ms_slots WHERE name = $1

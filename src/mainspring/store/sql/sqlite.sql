@@ -494,3 +494,223 @@ WHERE key IN (
 -- has_rate_limits --
 -- Whether any rate limit is configured (the claim then grants from buckets).
 SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
+
+-- == assets (mainspring.assets) ==================================================
+
+-- record_materialization --
+-- Write a finished materialization; an upsert by id, so a step executed again
+-- after a crash rewrites its own row instead of adding one.
+INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
+                                 metadata, error, started_at, finished_at, duration_ms)
+VALUES (:id, :asset, :partition, :run_id, :status, :value_ref, :upstream, :metadata, :error,
+        :started_at, :finished_at, :duration_ms)
+ON CONFLICT (id) DO UPDATE
+SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
+    metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
+    duration_ms = excluded.duration_ms, invalidated_at = NULL
+
+-- latest_materializations --
+-- The latest completed materialization of each (asset, partition) of assets
+-- :assets (a JSON array; partitions :partitions, or every one when NULL).
+SELECT * FROM (
+    SELECT m.*, row_number() OVER (PARTITION BY asset, partition
+                                   ORDER BY finished_at DESC, id DESC) AS rank
+    FROM ms_materializations m
+    WHERE asset IN (SELECT value FROM json_each(:assets)) AND status = 'completed'
+      AND (:partitions IS NULL OR partition IN (SELECT value FROM json_each(:partitions)))
+) WHERE rank = 1
+
+-- list_materializations --
+-- The materializations of :asset (of :partition when not NULL), newest first.
+SELECT * FROM ms_materializations
+WHERE asset = :asset AND (:partition IS NULL OR partition = :partition)
+ORDER BY finished_at DESC, id DESC
+LIMIT :limit
+
+-- get_materializations --
+-- Materializations by id (a JSON array).
+SELECT * FROM ms_materializations WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- invalidate_materializations --
+-- Mark the latest completed materialization of each pair of :pairs (a JSON
+-- array of [asset, partition]; a null partition: every partition) invalidated.
+UPDATE ms_materializations SET invalidated_at = :now
+WHERE invalidated_at IS NULL AND id IN (
+    SELECT id FROM (
+        SELECT m.id, row_number() OVER (PARTITION BY m.asset, m.partition
+                                        ORDER BY m.finished_at DESC, m.id DESC) AS rank
+        FROM ms_materializations m
+        JOIN json_each(:pairs) w
+          ON m.asset = json_extract(w.value, '$[0]')
+         AND (json_extract(w.value, '$[1]') IS NULL OR m.partition = json_extract(w.value, '$[1]'))
+        WHERE m.status = 'completed'
+    ) WHERE rank = 1
+)
+
+-- put_asset_value --
+-- Store a value DbIO keeps out of line.
+INSERT INTO ms_asset_values (key, data, compressed) VALUES (:key, :data, :compressed)
+ON CONFLICT (key) DO UPDATE SET data = excluded.data, compressed = excluded.compressed
+
+-- get_asset_value --
+-- A value DbIO stored out of line.
+SELECT data, compressed FROM ms_asset_values WHERE key = :key
+
+-- start_barrier --
+-- Create a scatter barrier (an upsert: a step executed again reuses it).
+INSERT INTO ms_scatter_barriers (id, asset, partition, run_id, total, status, created_at)
+VALUES (:id, :asset, :partition, :run_id, 0, 'executing', :now)
+ON CONFLICT (id) DO NOTHING
+
+-- mark_scatter_key --
+-- Key :hash (:key JSON) joins barrier :barrier for (asset, partition): when
+-- completed there from the same :inputs it stays completed, else it becomes
+-- pending. Returns its status.
+INSERT INTO ms_scatter_results (asset, partition, key_hash, key, inputs, barrier_id, status,
+                                updated_at)
+VALUES (:asset, :partition, :hash, :key, :inputs, :barrier, 'pending', :now)
+ON CONFLICT (asset, partition, key_hash) DO UPDATE
+SET barrier_id = excluded.barrier_id, updated_at = excluded.updated_at,
+    status = CASE WHEN status = 'completed' AND inputs = excluded.inputs
+                  THEN 'completed' ELSE 'pending' END,
+    result = CASE WHEN status = 'completed' AND inputs = excluded.inputs THEN result END,
+    compressed = CASE WHEN status = 'completed' AND inputs = excluded.inputs
+                      THEN compressed ELSE 0 END,
+    error = NULL, inputs = excluded.inputs
+RETURNING status
+
+-- count_barrier --
+-- Set a barrier's total and skipped counts.
+UPDATE ms_scatter_barriers SET total = :total, skipped = :skipped WHERE id = :id
+
+-- write_scatter_result --
+-- Record one instance's outcome in barrier :barrier.
+UPDATE ms_scatter_results
+SET status = :status, result = :result, compressed = :compressed, error = :error,
+    updated_at = :now
+WHERE barrier_id = :barrier AND key_hash = :hash
+
+-- close_barrier --
+-- A barrier's final counts and status.
+UPDATE ms_scatter_barriers
+SET completed = (SELECT count(*) FROM ms_scatter_results
+                 WHERE barrier_id = :id AND status = 'completed'),
+    failed = (SELECT count(*) FROM ms_scatter_results WHERE barrier_id = :id AND status = 'failed'),
+    status = :status, finished_at = :now
+WHERE id = :id
+
+-- barrier_results --
+-- Every key of barrier :barrier with its status and result.
+SELECT key_hash, key, status, result, compressed, error FROM ms_scatter_results
+WHERE barrier_id = :barrier
+
+-- list_barriers --
+-- The scatter barriers of :asset (:partition when not NULL), newest first.
+SELECT * FROM ms_scatter_barriers
+WHERE asset = :asset AND (:partition IS NULL OR partition = :partition)
+ORDER BY created_at DESC, id DESC
+LIMIT :limit
+
+-- count_children --
+-- The children of runs :ids (a JSON array) counted by state.
+SELECT parent_id, state, count(*) AS n FROM ms_runs
+WHERE parent_id IN (SELECT value FROM json_each(:ids))
+GROUP BY parent_id, state
+
+-- create_gate --
+-- Open a gate (an upsert: a step executed again reopens it with its new
+-- expiry; a gate already signaled stays signaled).
+INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round, created_at)
+VALUES (:id, :run_id, :asset, :partition, 'waiting', :expires_at, :round, :now)
+ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
+WHERE ms_gates.status = 'waiting'
+
+-- signal_gate --
+-- A waiting, unexpired gate becomes signaled with :payload; returns its run.
+UPDATE ms_gates SET status = 'signaled', payload = :payload, signaled_at = :now
+WHERE id = :id AND status = 'waiting' AND expires_at > :now
+RETURNING run_id
+
+-- cancel_gate --
+-- A gate is cancelled (its run finished before the signal came).
+UPDATE ms_gates SET status = 'cancelled' WHERE id = :id
+
+-- get_gate --
+-- A gate by id.
+SELECT * FROM ms_gates WHERE id = :id
+
+-- close_gate --
+-- A waiting gate becomes :status (timeout, cancelled).
+UPDATE ms_gates SET status = :status WHERE id = :id AND status = 'waiting' RETURNING id
+
+-- list_gates --
+-- Gates in :status (any when NULL), oldest first.
+SELECT * FROM ms_gates WHERE (:status IS NULL OR status = :status)
+ORDER BY created_at, id LIMIT :limit
+
+-- sweep_gates --
+-- The gate sweeper: waiting gates whose run has finished (or is gone) become
+-- cancelled, and waiting gates more than :grace seconds past their expiry
+-- become timeout (their run's await deadline normally closes them first).
+UPDATE ms_gates
+SET status = CASE WHEN coalesce((SELECT r.state FROM ms_runs r WHERE r.id = ms_gates.run_id),
+                                'gone') IN ('gone', 'completed', 'failed', 'cancelled')
+                  THEN 'cancelled' ELSE 'timeout' END
+WHERE status = 'waiting'
+  AND (coalesce((SELECT r.state FROM ms_runs r WHERE r.id = ms_gates.run_id), 'gone')
+           IN ('gone', 'completed', 'failed', 'cancelled')
+       OR expires_at < :now - :grace)
+RETURNING *
+
+-- ensure_bucket --
+-- Create bucket :key of limit :name (full) unless it exists.
+INSERT OR IGNORE INTO ms_rate_buckets (key, name, tokens, refilled_at)
+VALUES (:key, :name, NULL, :now)
+
+-- bucket_tokens --
+-- Bucket :key's tokens refilled to :now, with its limit's rate.
+SELECT min(c.burst, coalesce(b.tokens, c.burst)
+                    + max(0.0, :now - b.refilled_at) * c.allowed / c.period) AS tokens,
+       c.allowed, c.period
+FROM ms_rate_buckets b JOIN ms_rate_limits c ON c.name = b.name
+WHERE b.key = :key
+
+-- set_bucket_tokens --
+-- Store a bucket's tokens as of :now.
+UPDATE ms_rate_buckets SET tokens = :tokens, refilled_at = :now WHERE key = :key
+
+-- reset_rate_buckets --
+-- Refill every bucket of limit :name (they start full when next named).
+DELETE FROM ms_rate_buckets WHERE name = :name
+
+-- acquire_slot --
+-- Take the lowest free slot (never held, or its lease lapsed) of :name among
+-- :slots for :holder until :expires; returns the slot. (Writes are serialized
+-- by SQLite's one writer, so no lock is needed.)
+WITH RECURSIVE n(slot) AS (SELECT 0 UNION ALL SELECT slot + 1 FROM n WHERE slot + 1 < :slots)
+INSERT INTO ms_slots (name, slot, holder, expires_at)
+SELECT :name, slot, :holder, :expires FROM n
+WHERE NOT EXISTS (SELECT 1 FROM ms_slots h WHERE h.name = :name AND h.slot = n.slot
+                  AND h.expires_at > :now)
+ORDER BY slot LIMIT 1
+ON CONFLICT (name, slot) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+RETURNING slot
+
+-- renew_slot --
+-- Extend :holder's lease on :slot of :name; returns the slot when still held.
+UPDATE ms_slots SET expires_at = :expires
+WHERE name = :name AND slot = :slot AND holder = :holder AND expires_at > :now
+RETURNING slot
+
+-- release_slot --
+-- Give back :slot of :name held by :holder.
+DELETE FROM ms_slots WHERE name = :name AND slot = :slot AND holder = :holder RETURNING slot
+
+-- list_slots --
+-- The live slots of :name.
+SELECT slot, holder, expires_at FROM ms_slots WHERE name = :name AND expires_at > :now
+ORDER BY slot
+
+-- reset_slots --
+-- Release every slot of :name.
+DELETE FROM ms_slots WHERE name = :name
