@@ -2,6 +2,20 @@
 
 from mainspring.app import App, Call, QueueConfig, RunHandle, Task
 from mainspring.backoff import Backoff
+from mainspring.cluster import (
+    ChildSpec,
+    ColdSwap,
+    ConsistentHashing,
+    Guided,
+    HotSwap,
+    KVChange,
+    KVOverflow,
+    MajorityQuorum,
+    Pid,
+    Process,
+    Replication,
+    StaticQuorum,
+)
 from mainspring.context import RunContext, current_run
 from mainspring.cron import Cron
 from mainspring.errors import (
@@ -10,6 +24,8 @@ from mainspring.errors import (
     EncodeError,
     HandlerCrashed,
     MainspringError,
+    NameTaken,
+    ProcessError,
     RunFailed,
     RunNotFound,
     SignalRejected,
@@ -18,7 +34,6 @@ from mainspring.errors import (
 from mainspring.machines import (
     Await,
     ChildRun,
-    ChildSpec,
     Done,
     Machine,
     Next,
@@ -28,6 +43,7 @@ from mainspring.machines import (
     StepContext,
     Stop,
 )
+from mainspring.machines import ChildSpec as MachineChildSpec
 from mainspring.ratelimits import RateLimitStatus
 from mainspring.run import Run
 from mainspring.search import Page, QueryError
@@ -43,20 +59,33 @@ __all__ = [
     "Call",
     "ChildRun",
     "ChildSpec",
+    "ColdSwap",
     "ConfigError",
+    "ConsistentHashing",
     "Cron",
     "Done",
     "EncodeError",
+    "Guided",
     "HandlerCrashed",
+    "HotSwap",
+    "KVChange",
+    "KVOverflow",
     "Machine",
+    "MachineChildSpec",
     "MainspringError",
+    "MajorityQuorum",
+    "NameTaken",
     "Next",
     "NondeterminismError",
     "Outcome",
     "Page",
+    "Pid",
+    "Process",
+    "ProcessError",
     "QueryError",
     "QueueConfig",
     "RateLimitStatus",
+    "Replication",
     "Retry",
     "Run",
     "RunContext",
@@ -68,6 +97,7 @@ __all__ = [
     "SignalResult",
     "Signals",
     "Spawn",
+    "StaticQuorum",
     "StepContext",
     "Stop",
     "Task",

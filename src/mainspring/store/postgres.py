@@ -195,15 +195,17 @@ class PostgresStore(Store):
                 "CREATE TABLE IF NOT EXISTS ms_schema (version integer PRIMARY KEY, "
                 "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            current = await con.fetchval("SELECT coalesce(max(version), 0) FROM ms_schema")
+            # Every missing version is applied, not only those above the highest: a
+            # branch may land a later migration before an earlier one (a gap).
+            applied = {r[0] for r in await con.fetch("SELECT version FROM ms_schema")}
             for version, name, sql in load_migrations("postgres"):
-                if version > current:
+                if version not in applied:
                     await con.execute(sql)
                     await con.execute(
                         "INSERT INTO ms_schema (version, name) VALUES ($1, $2)", version, name
                     )
-                    current = version
-            return int(current)
+                    applied.add(version)
+            return max(applied, default=0)
 
     async def schema_version(self) -> int:
         exists = await self.pool.fetchval("SELECT to_regclass('ms_schema') IS NOT NULL")

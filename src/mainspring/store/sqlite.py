@@ -176,17 +176,18 @@ class SqliteStore(Store):
                 "CREATE TABLE IF NOT EXISTS ms_schema (version integer PRIMARY KEY, "
                 "name text NOT NULL, applied_at real NOT NULL)"
             )
-            current = con.execute("SELECT coalesce(max(version), 0) FROM ms_schema").fetchone()[0]
+            # Every missing version, not only those above the highest (see postgres.py).
+            applied = {r[0] for r in con.execute("SELECT version FROM ms_schema")}
             for version, name, sql in load_migrations("sqlite"):
-                if version > current:
+                if version not in applied:
                     for statement in _split_script(sql):
                         con.execute(statement)
                     con.execute(
                         "INSERT INTO ms_schema (version, name, applied_at) VALUES (?, ?, ?)",
                         (version, name, time.time()),
                     )
-                    current = version
-            return int(current)
+                    applied.add(version)
+            return max(applied, default=0)
 
         return await self._write(apply)
 
