@@ -19,12 +19,16 @@ def record(**fields: object) -> None:
         os.close(fd)
 
 
+def started() -> bool:
+    return os.path.exists(os.environ["GO"])
+
+
 async def main() -> None:
     app = ms.App(os.environ["MAINSPRING_DATABASE_URL"], lease_ttl=10.0)
     node = os.environ["NODE"]
     # Start together: wait for the go file the test writes once every process is up.
     record(event="ready", node=node)
-    while not os.path.exists(os.environ["GO"]):
+    while not started():
         await asyncio.sleep(0.01)
     if os.environ["MODE"] == "cas":
         conflicts = 0
