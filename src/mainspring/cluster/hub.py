@@ -142,6 +142,7 @@ class Hub:
         self._signature = ""
         self._desired: dict[str, list[str]] = {}
         self._partitioned = False
+        self._self_ok = False  # this node's own heartbeat is fresh: its view can be trusted
         self._down: set[str] = set()
         self._down_deadline = 0.0
         self._inflight: set[int] = set()
@@ -464,6 +465,7 @@ class Hub:
         # only itself (and fences itself: see _cycle).
         self_ok = mine is not None and mine[3] is not None and mine[3] < ttl * 0.7
         alive = sorted({r[0] for r in rows if r[2]} | {self.node}) if self_ok else [self.node]
+        self._self_ok = self_ok
         draining = {r[0] for r in rows if r[1]}
         previous = set(self._alive)
         now = time.monotonic()

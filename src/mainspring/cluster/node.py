@@ -183,7 +183,8 @@ class Cluster:
                 if now >= next_slow:
                     next_slow = now + 1.0
                     await cs.kv_expire(3600.0)
-                    await groups.remove_nodes(cs, set(hub._alive))
+                    if hub._self_ok:
+                        await groups.remove_nodes(cs, set(hub._alive))
                 if now >= next_prune:
                     next_prune = now + 60.0
                     await cs.hub_prune(ttl * 3)

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from mainspring.cluster.store import CHANNEL, Claim, ClusterStore, GroupRow, Mail
+from mainspring.cluster.store import CHANNEL, Claim, ClusterStore, GroupRow, Mail, net_deltas
 from mainspring.store.postgres import PostgresStore
 from mainspring.store.queries import load_queries
 
@@ -99,13 +99,13 @@ class PostgresCluster(ClusterStore):
     # -- process groups ------------------------------------------------------------
 
     async def group_apply(self, rows: Sequence[GroupRow], origin: str) -> None:
-        cols = _cols(rows, 5)
+        net = net_deltas(rows)
         async with self.pool.acquire() as con, con.transaction():
             await con.execute(Q["group_lock"])
-            await con.execute(Q["group_upsert"], *cols)
-            if any(r[4] < 0 for r in rows):
+            await con.execute(Q["group_upsert"], *_cols(net, 5))
+            if any(r[4] <= 0 for r in net):
                 await con.execute(Q["group_drop_empty"])
-            await con.execute(Q["group_log"], *cols, origin)
+            await con.execute(Q["group_log"], *_cols(rows, 5), origin)
 
     async def group_remove(
         self, nodes: Sequence[str] | None, pids: Sequence[str] | None, origin: str

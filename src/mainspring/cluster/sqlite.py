@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from mainspring.cluster.store import Claim, ClusterStore, GroupRow, Mail
+from mainspring.cluster.store import Claim, ClusterStore, GroupRow, Mail, net_deltas
 from mainspring.store.queries import load_queries
 from mainspring.store.sqlite import SqliteStore
 
@@ -149,11 +149,12 @@ class SqliteCluster(ClusterStore):
 
     async def group_apply(self, rows: Sequence[GroupRow], origin: str) -> None:
         data = _json([list(r) for r in rows])
+        net = net_deltas(rows)
 
         def apply(con: sqlite3.Connection) -> None:
             now = time.time()
-            con.execute(Q["group_upsert"], {"rows": data})
-            if any(r[4] < 0 for r in rows):
+            con.execute(Q["group_upsert"], {"rows": _json([list(r) for r in net])})
+            if any(r[4] <= 0 for r in net):
                 con.execute(Q["group_drop_empty"])
             con.execute(Q["group_log"], {"rows": data, "origin": origin, "now": now})
 

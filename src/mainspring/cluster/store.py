@@ -44,6 +44,15 @@ class Mail:
 GroupRow = tuple[str, str, str, str, int]  # scope, group, pid, node, count or delta
 
 
+def net_deltas(rows: Sequence[GroupRow]) -> list[GroupRow]:
+    """One row per member with the sum of its deltas (an upsert touches each row once)."""
+    sums: dict[tuple[str, str, str], list[Any]] = {}
+    for scope, group, pid, node, delta in rows:
+        entry = sums.setdefault((scope, group, pid), [node, 0])
+        entry[1] += delta
+    return [(s, g, p, n, d) for (s, g, p), (n, d) in sums.items()]
+
+
 class ClusterStore(abc.ABC):
     """What the cluster layer asks of the database; each call is one round trip."""
 
