@@ -147,6 +147,7 @@ class Hub:
         self._down_deadline = 0.0
         self._inflight: set[int] = set()
         self._acks: list[int] = []
+        self._ready: list[tuple[str, int]] = []  # instances whose init succeeded, to record
         self._replies_out: list[tuple[str, str | None, str | None]] = []
         self._calls: dict[str, asyncio.Future[Any]] = {}
         self._outbox: list[
@@ -680,6 +681,9 @@ class Hub:
                         return
                     continue
                 lc.proc = proc
+                if not lc.ready.is_set():
+                    self._ready.append((lc.child_id, lc.incarnation))
+                    self.cluster.wake()
                 lc.ready.set()
                 if not await self._serve(lc, proc):
                     return
@@ -894,7 +898,10 @@ class Hub:
         return len(mail)
 
     async def _flush(self, cs: ClusterStore) -> None:
-        """Acknowledge handled messages and send replies."""
+        """Record started instances, acknowledge handled messages and send replies."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            await cs.proc_ready(self.node, ready)
         if self._acks:
             acks, self._acks = self._acks, []
             await cs.mailbox_ack(acks)

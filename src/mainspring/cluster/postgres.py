@@ -199,6 +199,9 @@ class PostgresCluster(ClusterStore):
         found = await self.pool.fetch(Q["proc_transfer"], ids, incs, states, targets, node)
         return [(r[0], r[1], r[2]) for r in found]
 
+    async def proc_ready(self, node: str, rows: Sequence[tuple[str, int]]) -> None:
+        await self.pool.execute(Q["proc_ready"], *_cols(rows, 2), node)
+
     async def proc_state(self, child_id: str) -> tuple[str | None, str | None]:
         row = await self.pool.fetchrow(Q["proc_state"], child_id)
         return (None, None) if row is None else (row[0], row[1])

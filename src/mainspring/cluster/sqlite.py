@@ -288,6 +288,9 @@ class SqliteCluster(ClusterStore):
 
         return await self.store._write(transfer)
 
+    async def proc_ready(self, node: str, rows: Sequence[tuple[str, int]]) -> None:
+        await self._read("proc_ready", node=node, rows=_json([list(r) for r in rows]))
+
     async def proc_state(self, child_id: str) -> tuple[str | None, str | None]:
         row = await self._one("proc_state", id=child_id)
         return (None, None) if row is None else (row[0], row[1])

@@ -216,6 +216,10 @@ class ClusterStore(abc.ABC):
         targets atomically (no moment without an owner); returns (child_id, target, incarnation)."""
 
     @abc.abstractmethod
+    async def proc_ready(self, node: str, rows: Sequence[tuple[str, int]]) -> None:
+        """Record that these instances (child_id, incarnation) of `node` finished `init`."""
+
+    @abc.abstractmethod
     async def proc_state(self, child_id: str) -> tuple[str | None, str | None]:
         """A child's (args, last handover or checkpoint state), as JSON text."""
 

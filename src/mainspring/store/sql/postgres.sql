@@ -912,12 +912,12 @@ FROM ms_processes
 SELECT child_id, node, role, incarnation FROM ms_process_instances
 
 -- proc_get --
--- Children by id with their instances (arrays of node, role, incarnation).
+-- Children by id with their started instances (arrays of node and incarnation).
 SELECT p.child_id, p.name, p.state, p.error::text AS error, p.metadata::text AS metadata,
        coalesce(array_agg(i.node ORDER BY i.role) FILTER (WHERE i.node IS NOT NULL), '{}') AS nodes,
        coalesce(array_agg(i.incarnation ORDER BY i.role) FILTER (WHERE i.node IS NOT NULL), '{}')
            AS incarnations
-FROM ms_processes p LEFT JOIN ms_process_instances i ON i.child_id = p.child_id
+FROM ms_processes p LEFT JOIN ms_process_instances i ON i.child_id = p.child_id AND i.ready
 WHERE p.child_id = ANY($1::text[])
 GROUP BY p.child_id
 
@@ -1070,3 +1070,9 @@ SELECT args::text AS args, state_data::text AS state_data FROM ms_processes WHER
 -- Make this node's passive replica ($2) the child's active instance (fails if one is active).
 UPDATE ms_process_instances SET role = 'active'
 WHERE child_id = $1 AND node = $2 AND role = 'passive'
+
+-- proc_ready --
+-- Instances (arrays: child_id, incarnation) on node $3 whose init succeeded.
+UPDATE ms_process_instances i SET ready = true
+FROM unnest($1::text[], $2::bigint[]) AS t(c, inc)
+WHERE i.child_id = t.c AND i.node = $3 AND i.incarnation = t.inc

@@ -683,12 +683,12 @@ SELECT child_id, name, state, nodes, metadata, incarnation, error FROM ms_proces
 SELECT child_id, node, role, incarnation FROM ms_process_instances
 
 -- proc_get --
--- Children by id with their instances (JSON arrays of node and incarnation).
+-- Children by id with their started instances (JSON arrays of node and incarnation).
 SELECT p.child_id, p.name, p.state, p.error, p.metadata,
        (SELECT json_group_array(node) FROM (SELECT node FROM ms_process_instances i
-            WHERE i.child_id = p.child_id ORDER BY role)) AS nodes,
+            WHERE i.child_id = p.child_id AND i.ready ORDER BY role)) AS nodes,
        (SELECT json_group_array(incarnation) FROM (SELECT incarnation FROM ms_process_instances i
-            WHERE i.child_id = p.child_id ORDER BY role)) AS incarnations
+            WHERE i.child_id = p.child_id AND i.ready ORDER BY role)) AS incarnations
 FROM ms_processes p WHERE p.child_id IN (SELECT value FROM json_each(:ids))
 
 -- proc_drop_instances --
@@ -830,3 +830,9 @@ SELECT args, state_data FROM ms_processes WHERE child_id = :id
 -- Make this node's passive replica the child's active instance (fails if one is active).
 UPDATE ms_process_instances SET role = 'active'
 WHERE child_id = :id AND node = :node AND role = 'passive'
+
+-- proc_ready --
+-- Instances (:rows, JSON [child_id, incarnation]) on :node whose init succeeded.
+UPDATE ms_process_instances SET ready = 1
+WHERE node = :node AND (child_id, incarnation) IN (
+    SELECT value ->> 0, value ->> 1 FROM json_each(:rows))

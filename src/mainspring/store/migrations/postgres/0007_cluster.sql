@@ -89,6 +89,7 @@ CREATE TABLE ms_process_instances (
     node        text NOT NULL,
     role        text NOT NULL CHECK (role IN ('active','replica','passive')),
     incarnation bigint NOT NULL,
+    ready       boolean NOT NULL DEFAULT false,  -- init succeeded
     PRIMARY KEY (child_id, node)
 );
 CREATE UNIQUE INDEX ms_process_instances_active ON ms_process_instances (child_id)

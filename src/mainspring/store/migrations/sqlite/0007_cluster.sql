@@ -87,6 +87,7 @@ CREATE TABLE ms_process_instances (
     node        text NOT NULL,
     role        text NOT NULL CHECK (role IN ('active','replica','passive')),
     incarnation bigint NOT NULL,
+    ready       integer NOT NULL DEFAULT 0,  -- init succeeded
     PRIMARY KEY (child_id, node)
 );
 CREATE UNIQUE INDEX ms_process_instances_active ON ms_process_instances (child_id)
