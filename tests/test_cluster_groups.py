@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from helpers import aio, eventually
-
 import mainspring as ms
+from helpers import aio, eventually
 from mainspring.cluster.groups import GroupEvent
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from helpers import aio, eventually
 
 import mainspring as ms
+from helpers import aio, eventually
 
 EVENTS: list[tuple[str, str, Any]] = []
 
@@ -86,7 +85,9 @@ def _clear_events() -> None:
 async def test_children_start_answer_calls_and_count_messages_in_order(db_url: str) -> None:
     async with cluster(db_url, "n1", "n2") as (a, b):
         await settled([a, b], 2)
-        specs = [ms.ChildSpec(f"c{i}", Counter, metadata={"tenant": "t" + str(i % 2)}) for i in range(6)]
+        specs = [
+            ms.ChildSpec(f"c{i}", Counter, metadata={"tenant": "t" + str(i % 2)}) for i in range(6)
+        ]
         result = await a.hub.start_children(specs, child_metadata={"c0": {"vip": True}})
         assert result.ok, result.errors
         assert sorted(result.started) == [f"c{i}" for i in range(6)]
@@ -120,7 +121,10 @@ async def test_a_second_start_of_one_id_is_an_error(db_url: str) -> None:
 async def test_rollback_stops_every_started_child_when_one_fails(db_url: str) -> None:
     async with cluster(db_url, "n1") as (a,):
         await settled([a], 1)
-        specs = [ms.ChildSpec("ok1", Counter), ms.ChildSpec("bad", Counter, args={"fail_init": True})]
+        specs = [
+            ms.ChildSpec("ok1", Counter),
+            ms.ChildSpec("bad", Counter, args={"fail_init": True}),
+        ]
         result = await a.hub.start_children(specs, on_failure="rollback")
         assert "init refused" in result.errors["bad"]
         assert result.rolled_back == ["bad", "ok1"] and result.started == {}
@@ -178,9 +182,11 @@ async def test_a_joining_node_takes_its_share_with_handover_state(
 
             async def balanced() -> bool:
                 await a.hub.refresh()
-                return len(moved) > 0 and all(
-                    a.hub.which_nodes(f"m{i}") for i in range(40)
-                ) and len(b.hub.local_children()) == len(moved)
+                return (
+                    len(moved) > 0
+                    and all(a.hub.which_nodes(f"m{i}") for i in range(40))
+                    and len(b.hub.local_children()) == len(moved)
+                )
 
             await eventually(balanced, 20)
             assert 8 <= len(moved) <= 32  # about half, with 128 vnodes per node

@@ -3,7 +3,8 @@
 Events: run.enqueued, run.claimed, run.completed, run.failed, run.retried,
 run.cancelled, run.lease_lost, run.released, run.step, run.waiting, signal.sent,
 rate_limit.throttled, rate_limit.unknown, workflow.unknown_version, node.up,
-node.down, node.loop_crashed.
+node.down, node.loop_crashed; the cluster's hub.partitioned, hub.nodes_down,
+process.crashed, process.failed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -36,6 +37,10 @@ EVENTS = (
     "node.up",
     "node.down",
     "node.loop_crashed",
+    "hub.partitioned",
+    "hub.nodes_down",
+    "process.crashed",
+    "process.failed",
 )
 
 
