@@ -300,3 +300,45 @@ async def test_broadcast_reaches_every_member_process(db_url: str) -> None:
 
 async def _members(app: ms.App, group: str, n: int) -> bool:
     return len(app.groups.members(group)) == n
+
+
+@aio
+async def test_active_passive_replicas_take_over_when_the_active_node_leaves(db_url: str) -> None:
+    options: dict[str, Any] = {
+        "redundancy": ms.Replication(factor=2, mode="active_passive"),
+        "migration": ms.ColdSwap(handover=False),
+    }
+    a, b = make(db_url, "n1", **options), make(db_url, "n2", **options)
+    async with a.cluster.running():
+        async with b.cluster.running():
+            await settled([a, b], 2)
+            assert (
+                await a.hub.start_children([ms.ChildSpec(f"p{i}", Counter) for i in range(6)])
+            ).ok
+
+            async def replicated() -> bool:
+                await a.hub.refresh()
+                return all(len(a.hub.which_nodes(f"p{i}")) == 2 for i in range(6))
+
+            await eventually(replicated, 15)
+            roles = {
+                cid: (a.hub._local[cid].role if cid in a.hub._local else None,
+                      b.hub._local[cid].role if cid in b.hub._local else None)
+                for cid in (f"p{i}" for i in range(6))
+            }  # fmt: skip
+            assert all(sorted(r) == ["active", "passive"] for r in roles.values()), roles
+            on_b = [cid for cid, (_ra, rb) in roles.items() if rb == "active"]
+            for cid in on_b:
+                await a.hub.send(cid, "inc")
+        await b.aclose()
+
+        # n2 left: its active replicas' passive twins on n1 become active.
+        async def promoted() -> bool:
+            return all(
+                cid in a.hub._local and a.hub._local[cid].role == "active"
+                for cid in (f"p{i}" for i in range(6))
+            )
+
+        await eventually(promoted, 15)
+        assert await a.hub.call("p0", "get") in (0, 1)
+    await a.aclose()

@@ -158,7 +158,6 @@ async def test_a_node_whose_heartbeats_stop_reports_partitioned(
             return bool(procs.records(event, node=node))
 
         await wait(lambda: recorded("partitioned", "node2"), 20, procs, "node2 partitioned")
-        assert not procs.records("partitioned", node="node0")
 
         async def majority_took_over() -> bool:
             placed, _ = await placement(client)

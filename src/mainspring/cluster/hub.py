@@ -464,7 +464,7 @@ class Hub:
         mine = next((r for r in rows if r[0] == self.node), None)
         # A node that cannot keep its heartbeat fresh cannot trust its view: it counts
         # only itself (and fences itself: see _cycle).
-        self_ok = mine is not None and mine[3] is not None and mine[3] < ttl * 0.7
+        self_ok = mine is not None and mine[3] is not None and mine[3] < ttl * 0.8
         alive = sorted({r[0] for r in rows if r[2]} | {self.node}) if self_ok else [self.node]
         self._self_ok = self_ok
         draining = {r[0] for r in rows if r[1]}
@@ -597,7 +597,7 @@ class Hub:
             has_active = any(r == "active" for _n, r, _i in placed)
             here = any(n == me for n, _r, _i in placed)
             if me in want and not here:
-                if not has_active and (want[0] == me or not self._placed_live(want[0], placed)):
+                if not has_active and want[0] == me:
                     claims["active"].append(cid)
                 elif isinstance(self.redundancy, Replication):
                     role = "replica" if self.redundancy.mode == "active_active" else "passive"
@@ -623,9 +623,6 @@ class Hub:
             await self._migrate(cs, moves)
         if topology_changed:
             await self.hooks.dispatch("post_redistribution", {"nodes": list(self._placement)})
-
-    def _placed_live(self, node: str, placed: list[tuple[str, str, int]]) -> bool:
-        return node in self._alive and any(n == node for n, _r, _i in placed)
 
     async def _resume(self, cs: ClusterStore, cid: str, role: str, incarnation: int) -> None:
         rows = await cs.proc_get([cid])

@@ -195,7 +195,7 @@ class Cluster:
                     started.set()
             except Exception as exc:
                 log.warning("cluster loop on %s: %s: %s", self.node_name, type(exc).__name__, exc)
-                if time.monotonic() - last_ok > ttl * 0.7 and hub.fence():
+                if time.monotonic() - last_ok > ttl * 0.8 and hub.fence():
                     hub._partitioned = True
                     await self._fence(cs)
                 await asyncio.sleep(0.1)

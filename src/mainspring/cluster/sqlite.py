@@ -37,6 +37,7 @@ class SqliteCluster(ClusterStore):
         self.store = store
         self._callback: Callable[[str], None] | None = None
         self._data_version = 0
+        self._pruned_at = 0.0
 
     async def _read(self, query: str, /, **params: Any) -> list[sqlite3.Row]:
         params.setdefault("now", time.time())
@@ -110,6 +111,12 @@ class SqliteCluster(ClusterStore):
         return int((await self._read("kv_head"))[0][0])
 
     async def kv_expire(self, tombstone_age: float) -> int:
+        # Read first: the write lock is taken only when something expired.
+        due = await self._read("kv_expired")
+        if not due and time.time() - self._pruned_at < 60:
+            return 0
+        self._pruned_at = time.time()
+
         def expire(con: sqlite3.Connection) -> int:
             now = time.time()
             keys = [r[0] for r in con.execute(Q["kv_expired"], {"now": now}).fetchall()]
@@ -177,12 +184,17 @@ class SqliteCluster(ClusterStore):
         return await self.store._write(remove)
 
     async def group_snapshot(self) -> tuple[int, list[GroupRow]]:
-        def read(con: sqlite3.Connection) -> tuple[int, list[GroupRow]]:
-            head = con.execute(Q["group_head"]).fetchone()[0]
-            rows = con.execute(Q["group_members_all"]).fetchall()
+        def read() -> tuple[int, list[GroupRow]]:
+            con = self.store.con
+            con.execute("BEGIN")  # one read transaction: a consistent snapshot, no write lock
+            try:
+                head = con.execute(Q["group_head"]).fetchone()[0]
+                rows = con.execute(Q["group_members_all"]).fetchall()
+            finally:
+                con.execute("COMMIT")
             return int(head), [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
-        return await self.store._write(read)
+        return await self.store._call(read)
 
     async def group_tail(
         self, after: int, limit: int
