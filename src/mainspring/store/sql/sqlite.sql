@@ -709,8 +709,10 @@ RETURNING child_id, incarnation
 -- proc_claim_update --
 -- The claimed children (:rows, JSON [child_id, incarnation]) take their new
 -- incarnation; returns them with their last state.
-UPDATE ms_processes SET incarnation = t.value ->> 1, updated_at = :now
-FROM json_each(:rows) AS t WHERE ms_processes.child_id = t.value ->> 0
+-- (The batch is a subquery so the plan drives from it through the primary key.)
+UPDATE ms_processes SET incarnation = t.inc, updated_at = :now
+FROM (SELECT value ->> 0 AS c, value ->> 1 AS inc FROM json_each(:rows)) AS t
+WHERE ms_processes.child_id = t.c
 RETURNING child_id, name, args, metadata, state_data, incarnation
 
 -- proc_release_instance --
@@ -722,18 +724,19 @@ RETURNING child_id
 
 -- proc_keep_state --
 -- Keep children's handover state (:rows, JSON [child_id, incarnation, state]; NULL keeps the old).
-UPDATE ms_processes SET state_data = coalesce(t.value ->> 2, state_data), updated_at = :now
-FROM json_each(:rows) AS t
-WHERE ms_processes.child_id = t.value ->> 0 AND ms_processes.child_id IN (
-    SELECT value FROM json_each(:ids))
+UPDATE ms_processes SET state_data = coalesce(t.s, state_data), updated_at = :now
+FROM (SELECT r.value ->> 0 AS c, r.value ->> 2 AS s FROM json_each(:rows) AS r
+      WHERE r.value ->> 0 IN (SELECT value FROM json_each(:ids))) AS t
+WHERE ms_processes.child_id = t.c
 
 -- proc_transfer_insert --
 -- Hand instances to their targets (:rows, JSON [child_id, incarnation, state,
 -- target]): the new instance takes incarnation + 1 (after proc_release_instance).
 INSERT INTO ms_process_instances (child_id, node, role, incarnation)
-SELECT p.child_id, t.value ->> 3, 'active', p.incarnation + 1
-FROM json_each(:rows) AS t JOIN ms_processes p ON p.child_id = t.value ->> 0
-WHERE p.child_id IN (SELECT value FROM json_each(:ids))
+SELECT p.child_id, t.target, 'active', p.incarnation + 1
+FROM (SELECT r.value ->> 0 AS c, r.value ->> 3 AS target FROM json_each(:rows) AS r
+      WHERE r.value ->> 0 IN (SELECT value FROM json_each(:ids))) AS t
+JOIN ms_processes p ON p.child_id = t.c
 RETURNING child_id, node, incarnation
 
 -- proc_bump --
