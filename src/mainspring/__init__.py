@@ -19,6 +19,20 @@ from mainspring.assets import (
     WeeklyPartitions,
 )
 from mainspring.backoff import Backoff
+from mainspring.cluster import (
+    ChildSpec,
+    ColdSwap,
+    ConsistentHashing,
+    Guided,
+    HotSwap,
+    KVChange,
+    KVOverflow,
+    MajorityQuorum,
+    Pid,
+    Process,
+    Replication,
+    StaticQuorum,
+)
 from mainspring.context import RunContext, current_run
 from mainspring.cron import Cron
 from mainspring.errors import (
@@ -28,6 +42,8 @@ from mainspring.errors import (
     HandlerCrashed,
     HeartbeatTimeout,
     MainspringError,
+    NameTaken,
+    ProcessError,
     RunFailed,
     RunNotFound,
     SignalRejected,
@@ -36,7 +52,6 @@ from mainspring.errors import (
 from mainspring.machines import (
     Await,
     ChildRun,
-    ChildSpec,
     Done,
     Machine,
     Next,
@@ -46,6 +61,7 @@ from mainspring.machines import (
     StepContext,
     Stop,
 )
+from mainspring.machines import ChildSpec as MachineChildSpec
 from mainspring.ratelimits import RateLimitStatus
 from mainspring.run import Run
 from mainspring.search import Page, QueryError
@@ -62,7 +78,9 @@ __all__ = [
     "Call",
     "ChildRun",
     "ChildSpec",
+    "ColdSwap",
     "ConfigError",
+    "ConsistentHashing",
     "Cron",
     "DailyPartitions",
     "DbIO",
@@ -71,22 +89,33 @@ __all__ = [
     "FileIO",
     "Gate",
     "GateError",
+    "Guided",
     "HandlerCrashed",
     "HeartbeatTimeout",
+    "HotSwap",
     "HourlyPartitions",
     "IOManager",
+    "KVChange",
+    "KVOverflow",
     "Machine",
+    "MachineChildSpec",
     "MainspringError",
+    "MajorityQuorum",
     "Materialization",
     "MonthlyPartitions",
+    "NameTaken",
     "Next",
     "NondeterminismError",
     "Outcome",
     "Page",
     "Partitions",
+    "Pid",
+    "Process",
+    "ProcessError",
     "QueryError",
     "QueueConfig",
     "RateLimitStatus",
+    "Replication",
     "Retry",
     "Run",
     "RunContext",
@@ -101,6 +130,7 @@ __all__ = [
     "Signals",
     "Spawn",
     "StaticPartitions",
+    "StaticQuorum",
     "StepContext",
     "Stop",
     "Task",

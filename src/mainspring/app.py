@@ -40,6 +40,8 @@ from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from mainspring.assets.asset import AssetDef
+    from mainspring.cluster import KV, Cluster, Groups, Hub, Registry
+    from mainspring.cluster.process import Process
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.search import Page
@@ -399,6 +401,7 @@ class App:
         self._migrated = False
         self._workers: set[Worker] = set()
         self._drained = False
+        self._cluster: Cluster | None = None
 
     def __repr__(self) -> str:
         return f"<mainspring.App {self.url}>"
@@ -553,6 +556,50 @@ class App:
             return cls
 
         return register
+
+    # -- the cluster layer (mainspring.cluster) ------------------------------------
+
+    @property
+    def cluster(self) -> Cluster:
+        """The cluster layer of this app on this node (hub, groups, registry, kv)."""
+        if self._cluster is None:
+            from mainspring.cluster import Cluster
+
+            self._cluster = Cluster(self)
+        return self._cluster
+
+    @property
+    def hub(self) -> Hub:
+        return self.cluster.hub
+
+    @property
+    def groups(self) -> Groups:
+        return self.cluster.groups
+
+    @property
+    def registry(self) -> Registry:
+        return self.cluster.registry
+
+    @property
+    def kv(self) -> KV:
+        return self.cluster.kv
+
+    def process(
+        self,
+        cls: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        max_restarts: int = 3,
+        max_seconds: float = 5.0,
+    ) -> Any:
+        """Register an `ms.Process` subclass (see mainspring.cluster.process)."""
+        from mainspring.cluster.process import register_process
+
+        def register(target: type[Process]) -> type[Process]:
+            return register_process(self, target, name, max_restarts, max_seconds)
+
+        return register(cls) if cls is not None else register
 
     def workflow(
         self,

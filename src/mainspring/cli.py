@@ -453,6 +453,30 @@ def bench_workflows(
     click.echo(render(result, fmt))
 
 
+@bench.command("processes")
+@click.option("--backend", type=click.Choice(["sqlite", "postgres"]), default="sqlite")
+@click.option("--url", "bench_url", help="Server URL for postgres (default: local server).")
+@click.option("--messages", type=int, default=20_000, show_default=True)
+@click.option("--children", type=int, default=100, show_default=True)
+@click.option("--local-messages", type=int, default=200_000, show_default=True)
+@click.option("--redistribute", type=int, default=10_000, show_default=True)
+@click.option("--pg-ops", type=int, default=10_000, show_default=True)
+@format_option
+def bench_processes(
+    backend: str, bench_url: str | None, messages: int, children: int, local_messages: int,
+    redistribute: int, pg_ops: int, fmt: str,
+) -> None:  # fmt: skip
+    """Messages per second to processes on another node and on this one, the time to
+    redistribute children after a node joins, and pg join/leave latency."""
+    from mainspring.bench.processes import render, run_processes_bench
+
+    result = run_processes_bench(
+        backend, bench_url, messages, children=children, local_messages=local_messages,
+        redistribute=redistribute, pg_ops=pg_ops,
+    )  # fmt: skip
+    click.echo(render(result, fmt))
+
+
 @main.command()
 @click.option("--jobs", type=int, default=200, show_default=True)
 @click.option("--url", "demo_url", default="sqlite:///mainspring-demo.db", show_default=True)

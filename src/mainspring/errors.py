@@ -59,3 +59,18 @@ class BackendUnavailable(MainspringError, ConnectionError):
 
 class SignalRejected(MainspringError):
     """A signal the target workflow's contract refuses (name or payload); nothing is written."""
+
+
+class NameTaken(MainspringError):
+    """A registry name is held by another live process; `holder` is its pid."""
+
+    def __init__(self, name: str, holder: str) -> None:
+        self.name = name
+        self.holder = holder
+        super().__init__(
+            f"name {name!r} is registered to {holder}: unregister it there, or pick another name"
+        )
+
+
+class ProcessError(MainspringError):
+    """A process could not be started, reached or answered (the message says which)."""

@@ -9,7 +9,8 @@ workflow.cache_hit / workflow.cache_miss (reason) / workflow.cache_evicted,
 node.up, node.down, node.loop_crashed; assets: asset.materialized, asset.failed,
 scatter.start/complete/failed/cancel/instance_complete/instance_fail/gather_ready,
 gate.create/signal/timeout/timeout_retry/cancel,
-rate_limit.check/wait/slot_acquired/slot_released.
+rate_limit.check/wait/slot_acquired/slot_released; the cluster's
+hub.partitioned, hub.nodes_down, process.crashed, process.failed.
 A handler receives (event_name, metadata dict). A handler that raises is
 logged and never breaks the engine.
 """
@@ -66,6 +67,10 @@ EVENTS = (
     "rate_limit.wait",
     "rate_limit.slot_acquired",
     "rate_limit.slot_released",
+    "hub.partitioned",
+    "hub.nodes_down",
+    "process.crashed",
+    "process.failed",
 )
 
 

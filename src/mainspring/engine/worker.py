@@ -205,6 +205,7 @@ class Worker:
                         ("gc", self._gc_loop),
                         ("periodic", self._periodic_loop),
                         ("listener", self._listener_loop),
+                        *self._model_loops(),
                     )
                 ]
                 # On Postgres two claims and two commits may be in flight at once, so
@@ -269,6 +270,11 @@ class Worker:
             await self.store.close()
             self._store = None
         log.info("node %s down", self.name)
+
+    def _model_loops(self) -> list[tuple[str, Any]]:
+        """Loops a model adds to the node: the cluster loop, once the app uses the cluster."""
+        cluster = self.app._cluster
+        return [("cluster", functools.partial(cluster.serve, self))] if cluster else []
 
     async def _supervised(self, name: str, fn: Any) -> None:
         await supervise(name, fn, self.telemetry, self._degraded)

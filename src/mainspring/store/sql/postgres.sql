@@ -716,8 +716,7 @@ WHERE l.name = b.name
       + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period >= l.burst
   AND NOT EXISTS (SELECT 1 FROM ms_runs r WHERE r.state = 'available' AND r.rate_limit = b.key)
 
--- == assets (mainspring.assets) ==================================================
-
+-- == assets (mainspring.assets) ===========================================
 -- record_materialization --
 -- Write a finished materialization; an upsert by id, so a step executed again
 -- after a crash rewrites its own row instead of adding one.
@@ -945,3 +944,407 @@ SELECT slot, holder, expires_at FROM ms_slots WHERE name = $1 AND expires_at > n
 -- reset_slots --
 -- Release every slot of semaphore $1.
 DELETE FROM ms_slots WHERE name = $1
+=======
+-- ===========================================================================
+-- The cluster layer (mainspring.cluster): KV, registry, process groups, hub.
+-- Writes that feed a change log (KV revisions, the group log) take one
+-- advisory transaction lock first, so their sequence numbers commit in order
+-- and a reader of "seq > last" never skips a row committed late.
+-- ===========================================================================
+
+-- kv_get --
+-- A live key's value (JSON text) and revision; expired keys are absent.
+SELECT value::text AS value, rev FROM ms_kv
+WHERE key = $1 AND value IS NOT NULL AND (expires_at IS NULL OR expires_at > now())
+
+-- kv_put --
+-- Set a key ($3: ttl seconds or NULL); returns its new revision.
+WITH w AS (
+INSERT INTO ms_kv (key, value, rev, expires_at)
+SELECT $1, $2::json, nextval('ms_kv_rev'), now() + make_interval(secs => $3)
+FROM (SELECT pg_advisory_xact_lock(7301)) AS serialized
+ON CONFLICT (key) DO UPDATE
+SET value = excluded.value, rev = excluded.rev, expires_at = excluded.expires_at,
+    updated_at = now()
+RETURNING key, value, rev
+)
+INSERT INTO ms_kv_log (rev, key, value) SELECT rev, key, value FROM w
+RETURNING rev
+
+-- kv_delete --
+-- Delete a live key (it becomes a tombstone for watchers); returns the revision.
+WITH w AS (
+UPDATE ms_kv k SET value = NULL, rev = nextval('ms_kv_rev'), expires_at = NULL, updated_at = now()
+FROM (SELECT pg_advisory_xact_lock(7301)) AS serialized
+WHERE k.key = $1 AND k.value IS NOT NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+RETURNING k.key, k.value, k.rev
+)
+INSERT INTO ms_kv_log (rev, key, value) SELECT rev, key, value FROM w
+RETURNING rev
+
+-- kv_cas_absent --
+-- Create a key only if it is absent (never set, deleted or expired).
+WITH w AS (
+INSERT INTO ms_kv AS k (key, value, rev, expires_at)
+SELECT $1, $2::json, nextval('ms_kv_rev'), now() + make_interval(secs => $3)
+FROM (SELECT pg_advisory_xact_lock(7301)) AS serialized
+ON CONFLICT (key) DO UPDATE
+SET value = excluded.value, rev = excluded.rev, expires_at = excluded.expires_at,
+    updated_at = now()
+WHERE k.value IS NULL OR k.expires_at <= now()
+RETURNING key, value, rev
+)
+INSERT INTO ms_kv_log (rev, key, value) SELECT rev, key, value FROM w
+RETURNING rev
+
+-- kv_cas --
+-- Replace a live key's value only if it equals $2 (compared as JSON values).
+WITH w AS (
+UPDATE ms_kv k SET value = $3::json, rev = nextval('ms_kv_rev'),
+    expires_at = now() + make_interval(secs => $4), updated_at = now()
+FROM (SELECT pg_advisory_xact_lock(7301)) AS serialized
+WHERE k.key = $1 AND k.value IS NOT NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+  AND k.value::jsonb = $2::jsonb
+RETURNING k.key, k.value, k.rev
+)
+INSERT INTO ms_kv_log (rev, key, value) SELECT rev, key, value FROM w
+RETURNING rev
+
+-- kv_scan --
+-- Live keys starting with $1, in key order.
+SELECT key, value::text AS value, rev FROM ms_kv
+WHERE starts_with(key, $1) AND value IS NOT NULL AND (expires_at IS NULL OR expires_at > now())
+ORDER BY key
+
+-- kv_changes --
+-- Changes (values, or NULL for deletes) under prefix $2 after revision $1, in order.
+SELECT key, value::text AS value, rev FROM ms_kv_log
+WHERE rev > $1 AND starts_with(key, $2) ORDER BY rev LIMIT $3
+
+-- kv_log_start --
+-- The oldest revision the change log keeps (a watcher behind it missed changes).
+SELECT coalesce(min(rev), 0) FROM ms_kv_log
+
+-- kv_head --
+-- The latest revision.
+SELECT coalesce(max(rev), 0) FROM ms_kv
+
+-- kv_expire --
+-- Turn expired keys into tombstones (watchers see them go); returns how many.
+WITH w AS (
+UPDATE ms_kv k SET value = NULL, rev = nextval('ms_kv_rev'), expires_at = NULL, updated_at = now()
+FROM (SELECT pg_advisory_xact_lock(7301)) AS serialized
+WHERE k.expires_at <= now() AND k.value IS NOT NULL
+RETURNING k.key, k.value, k.rev
+)
+INSERT INTO ms_kv_log (rev, key, value) SELECT rev, key, value FROM w
+RETURNING rev
+
+-- kv_prune --
+-- Forget tombstones and change log entries older than $1 seconds.
+WITH log AS (DELETE FROM ms_kv_log WHERE created_at < now() - make_interval(secs => $1))
+DELETE FROM ms_kv WHERE value IS NULL AND updated_at < now() - make_interval(secs => $1)
+
+-- name_register --
+-- Take a name for a pid: free names, names of dead nodes ($4: the heartbeat TTL)
+-- and the pid's own name (idempotent: same token). Returns the token, or no row.
+INSERT INTO ms_names AS n (name, pid, node, token) VALUES ($1, $2, $3, 1)
+ON CONFLICT (name) DO UPDATE
+SET pid = excluded.pid, node = excluded.node, updated_at = now(),
+    token = CASE WHEN n.pid = excluded.pid THEN n.token ELSE n.token + 1 END
+WHERE n.pid IS NULL OR n.pid = excluded.pid OR NOT EXISTS (
+    SELECT 1 FROM ms_nodes m
+    WHERE m.name = n.node AND m.heartbeat_at > now() - make_interval(secs => $4))
+RETURNING token
+
+-- name_lookup --
+-- A name's holder and token, when held by a pid of a live node ($2: the TTL).
+SELECT n.pid, n.token FROM ms_names n
+JOIN ms_nodes m ON m.name = n.node AND m.heartbeat_at > now() - make_interval(secs => $2)
+WHERE n.name = $1 AND n.pid IS NOT NULL
+
+-- name_unregister --
+-- Free a name ($2: only if held by this pid, when given).
+UPDATE ms_names SET pid = NULL, node = NULL, updated_at = now()
+WHERE name = $1 AND pid IS NOT NULL AND ($2::text IS NULL OR pid = $2)
+RETURNING name
+
+-- names_release_pids --
+-- Free the names held by these pids (their processes exited).
+UPDATE ms_names SET pid = NULL, node = NULL, updated_at = now()
+WHERE pid = ANY($1::text[]) RETURNING name
+
+-- names_release_dead --
+-- Free the names held on nodes whose heartbeat is older than $1 seconds.
+UPDATE ms_names n SET pid = NULL, node = NULL, updated_at = now()
+WHERE n.pid IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM ms_nodes m
+    WHERE m.name = n.node AND m.heartbeat_at > now() - make_interval(secs => $1))
+RETURNING n.name
+
+-- names_of --
+-- Every held name (for the dashboard and tests).
+SELECT name, pid, node, token FROM ms_names WHERE pid IS NOT NULL ORDER BY name
+
+-- group_lock --
+-- Serialize writers of the group log (see the top of this section).
+SELECT pg_advisory_xact_lock(7302)
+
+-- group_upsert --
+-- Add deltas (arrays: scope, grp, pid, node, delta; one row per member) to counts.
+INSERT INTO ms_group_members AS g (scope, grp, pid, node, count)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
+ON CONFLICT (scope, grp, pid) DO UPDATE SET count = g.count + excluded.count
+
+-- group_drop_empty --
+-- Remove members whose count fell to zero.
+DELETE FROM ms_group_members WHERE count <= 0
+
+-- group_log --
+-- Append membership changes (arrays: scope, grp, pid, node, delta; $6 origin node).
+INSERT INTO ms_group_log (seq, scope, grp, pid, node, delta, origin)
+SELECT nextval('ms_group_seq'), s, g, p, n, d, $6
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[]) WITH ORDINALITY
+    AS t(s, g, p, n, d, i)
+ORDER BY i
+
+-- group_remove_nodes --
+-- Remove every membership of pids on these nodes; returns what was removed.
+DELETE FROM ms_group_members WHERE node = ANY($1::text[])
+RETURNING scope, grp, pid, node, count
+
+-- group_remove_pids --
+-- Remove every membership of these pids; returns what was removed.
+DELETE FROM ms_group_members WHERE pid = ANY($1::text[])
+RETURNING scope, grp, pid, node, count
+
+-- group_members_all --
+-- The whole membership (a snapshot, read with group_head in one transaction).
+SELECT scope, grp, pid, node, count FROM ms_group_members
+
+-- group_head --
+-- The latest group log position.
+SELECT coalesce(max(seq), 0) FROM ms_group_log
+
+-- group_tail --
+-- Group log entries after $1, in order.
+SELECT seq, scope, grp, pid, node, delta, origin FROM ms_group_log
+WHERE seq > $1 ORDER BY seq LIMIT $2
+
+-- group_log_start --
+-- The oldest group log position kept (a reader behind it reloads the snapshot).
+SELECT coalesce(min(seq), 0) FROM ms_group_log
+
+-- group_prune --
+-- Forget group log entries older than $1 seconds.
+DELETE FROM ms_group_log WHERE created_at < now() - make_interval(secs => $1)
+
+-- hub_join --
+-- This node serves the hub (not draining).
+INSERT INTO ms_hub_nodes (node) VALUES ($1)
+ON CONFLICT (node) DO UPDATE SET draining = false
+
+-- hub_leave --
+-- This node no longer serves the hub.
+DELETE FROM ms_hub_nodes WHERE node = $1
+
+-- hub_drain --
+-- Mark a node draining: placement leaves it out.
+UPDATE ms_hub_nodes SET draining = true WHERE node = $1
+
+-- hub_topology --
+-- Hub nodes with their liveness ($1: the TTL) and heartbeat age in seconds.
+SELECT h.node, h.draining, coalesce(m.heartbeat_at > now() - make_interval(secs => $1), false)
+       AS alive, extract(epoch FROM now() - m.heartbeat_at)::float8 AS age
+FROM ms_hub_nodes h LEFT JOIN ms_nodes m ON m.name = h.node ORDER BY h.node
+
+-- hub_prune --
+-- Forget hub nodes silent for more than $1 seconds.
+DELETE FROM ms_hub_nodes h WHERE NOT EXISTS (
+    SELECT 1 FROM ms_nodes m
+    WHERE m.name = h.node AND m.heartbeat_at > now() - make_interval(secs => $1))
+RETURNING h.node
+
+-- proc_insert --
+-- New children (arrays: child_id, name, args, metadata, nodes); existing ids are skipped.
+INSERT INTO ms_processes (child_id, name, args, metadata, nodes)
+SELECT c, n, a::json, m::jsonb, g::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS t(c, n, a, m, g)
+ON CONFLICT (child_id) DO NOTHING
+RETURNING child_id
+
+-- proc_list --
+-- Every child (the placement input).
+SELECT child_id, name, state, nodes::text AS nodes, metadata::text AS metadata, incarnation,
+       error::text AS error
+FROM ms_processes
+
+-- proc_instances --
+-- Every running instance.
+SELECT child_id, node, role, incarnation FROM ms_process_instances
+
+-- proc_get --
+-- Children by id with their started instances (arrays of node and incarnation).
+SELECT p.child_id, p.name, p.state, p.error::text AS error, p.metadata::text AS metadata,
+       coalesce(array_agg(i.node ORDER BY i.role) FILTER (WHERE i.node IS NOT NULL), '{}') AS nodes,
+       coalesce(array_agg(i.incarnation ORDER BY i.role) FILTER (WHERE i.node IS NOT NULL), '{}')
+           AS incarnations
+FROM ms_processes p LEFT JOIN ms_process_instances i ON i.child_id = p.child_id AND i.ready
+WHERE p.child_id = ANY($1::text[])
+GROUP BY p.child_id
+
+-- proc_drop_instances --
+-- Remove the instances on these nodes (dead ones); returns them.
+DELETE FROM ms_process_instances WHERE node = ANY($1::text[])
+RETURNING child_id, node, incarnation
+
+-- proc_claim --
+-- Start instances of these children on node $2 with role $3 (skipped when the
+-- child already has an active instance, or one on this node). Returns the
+-- claimed children with their new incarnation and their last state.
+WITH ins AS (
+    INSERT INTO ms_process_instances (child_id, node, role, incarnation)
+    SELECT p.child_id, $2, $3, p.incarnation + 1 FROM ms_processes p
+    WHERE p.child_id = ANY($1::text[]) AND p.state = 'running'
+    ORDER BY p.child_id
+    ON CONFLICT DO NOTHING
+    RETURNING child_id, incarnation
+)
+UPDATE ms_processes p SET incarnation = ins.incarnation, updated_at = now()
+FROM ins WHERE p.child_id = ins.child_id
+RETURNING p.child_id, p.name, p.args::text AS args, p.metadata::text AS metadata,
+          p.state_data::text AS state_data, p.incarnation
+
+-- proc_release --
+-- Give up instances (arrays: child_id, incarnation) on node $3, keeping each
+-- child's handover state ($2, JSON text or NULL to keep the old one).
+WITH gone AS (
+    DELETE FROM ms_process_instances i
+    USING unnest($1::text[], $4::bigint[]) AS t(c, inc)
+    WHERE i.child_id = t.c AND i.node = $3 AND i.incarnation = t.inc
+    RETURNING i.child_id
+)
+UPDATE ms_processes p SET state_data = coalesce(t.s::json, p.state_data), updated_at = now()
+FROM unnest($1::text[], $2::text[]) AS t(c, s)
+WHERE p.child_id = t.c AND p.child_id IN (SELECT child_id FROM gone)
+RETURNING p.child_id
+
+-- proc_transfer --
+-- Hand instances (arrays: child_id, incarnation, state, target node) from node
+-- $5 to their targets in one statement: the old instance goes, the new one
+-- (incarnation + 1) comes, with the handover state. Returns the moved children.
+WITH gone AS (
+    DELETE FROM ms_process_instances i
+    USING unnest($1::text[], $2::bigint[]) AS t(c, inc)
+    WHERE i.child_id = t.c AND i.node = $5 AND i.incarnation = t.inc AND i.role = 'active'
+    RETURNING i.child_id
+), moved AS (
+    UPDATE ms_processes p
+    SET state_data = coalesce(t.s::json, p.state_data), incarnation = p.incarnation + 1,
+        updated_at = now()
+    FROM unnest($1::text[], $3::text[], $4::text[]) AS t(c, s, target)
+    WHERE p.child_id = t.c AND p.child_id IN (SELECT child_id FROM gone)
+    RETURNING p.child_id, p.incarnation, t.target
+)
+INSERT INTO ms_process_instances (child_id, node, role, incarnation)
+SELECT child_id, target, 'active', incarnation FROM moved
+RETURNING child_id, node, incarnation
+
+-- proc_checkpoint --
+-- Persist a child's state, if instance ($2 node, $3 incarnation) still runs it.
+UPDATE ms_processes p SET state_data = $4::json, updated_at = now()
+WHERE p.child_id = $1 AND EXISTS (
+    SELECT 1 FROM ms_process_instances i
+    WHERE i.child_id = $1 AND i.node = $2 AND i.incarnation = $3)
+RETURNING p.child_id
+
+-- proc_fail --
+-- Mark a child failed with its error and remove its instance on node $2.
+WITH gone AS (
+    DELETE FROM ms_process_instances WHERE child_id = $1 AND node = $2 RETURNING child_id
+)
+UPDATE ms_processes SET state = 'failed', error = $3::json, updated_at = now()
+WHERE child_id = $1 RETURNING child_id
+
+-- proc_stop --
+-- Ask for these children to stop (their nodes terminate them).
+UPDATE ms_processes SET state = 'stopping', updated_at = now()
+WHERE child_id = ANY($1::text[]) RETURNING child_id
+
+-- proc_drop_local --
+-- Remove instances of these children on node $2 (they were terminated).
+DELETE FROM ms_process_instances WHERE child_id = ANY($1::text[]) AND node = $2
+RETURNING child_id
+
+-- proc_delete_stopped --
+-- Delete stopping or failed children ($1) that no instance runs any more, with their mailboxes.
+WITH gone AS (
+    DELETE FROM ms_processes p
+    WHERE p.child_id = ANY($1::text[]) AND p.state IN ('stopping', 'failed') AND NOT EXISTS (
+        SELECT 1 FROM ms_process_instances i WHERE i.child_id = p.child_id)
+    RETURNING child_id
+), mail AS (
+    DELETE FROM ms_mailbox m USING gone WHERE m.child_id = gone.child_id
+)
+SELECT child_id FROM gone
+
+-- mailbox_put --
+-- Durable messages (arrays: child_id, body JSON, reply_to, name, token), in order.
+INSERT INTO ms_mailbox (child_id, body, reply_to, name, token)
+SELECT c, b::json, r, n, t
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) WITH ORDINALITY
+    AS u(c, b, r, n, t, i)
+ORDER BY i
+
+-- mailbox_take --
+-- Messages for children running on node $2 ($1: their ids) not yet delivered
+-- ($3: seqs in flight), oldest first; with the current token of the name each
+-- was sent to (a mismatch means a stale holder: the message is dropped).
+SELECT m.seq, m.child_id, m.body::text AS body, m.reply_to, m.token, n.token AS current_token,
+       n.pid AS holder
+FROM ms_mailbox m
+JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = $2 AND i.role <> 'passive'
+LEFT JOIN ms_names n ON n.name = m.name
+WHERE m.child_id = ANY($1::text[]) AND NOT (m.seq = ANY($3::bigint[]))
+ORDER BY m.seq LIMIT $4
+
+-- mailbox_ack --
+-- Delete handled messages.
+DELETE FROM ms_mailbox WHERE seq = ANY($1::bigint[])
+
+-- reply_put --
+-- Answers to remote calls (arrays: id, body JSON, error JSON).
+INSERT INTO ms_replies (id, body, error)
+SELECT i, b::json, e::json FROM unnest($1::text[], $2::text[], $3::text[]) AS t(i, b, e)
+ON CONFLICT (id) DO NOTHING
+
+-- reply_take --
+-- Take the answers that arrived for these calls.
+DELETE FROM ms_replies WHERE id = ANY($1::text[])
+RETURNING id, body::text AS body, error::text AS error
+
+-- reply_prune --
+-- Forget answers nobody took within $1 seconds, and messages to children that no longer exist.
+WITH r AS (DELETE FROM ms_replies WHERE created_at < now() - make_interval(secs => $1))
+DELETE FROM ms_mailbox m
+WHERE m.created_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (SELECT 1 FROM ms_processes p WHERE p.child_id = m.child_id)
+
+-- cluster_notify --
+-- Tell every hub something changed (channel mainspring_cluster).
+SELECT pg_notify('mainspring_cluster', $1)
+
+-- proc_state --
+-- A child's args and last handover or checkpoint state.
+SELECT args::text AS args, state_data::text AS state_data FROM ms_processes WHERE child_id = $1
+
+-- proc_promote --
+-- Make this node's passive replica ($2) the child's active instance (fails if one is active).
+UPDATE ms_process_instances SET role = 'active'
+WHERE child_id = $1 AND node = $2 AND role = 'passive'
+
+-- proc_ready --
+-- Instances (arrays: child_id, incarnation) on node $3 whose init succeeded.
+UPDATE ms_process_instances i SET ready = true
+FROM unnest($1::text[], $2::bigint[]) AS t(c, inc)
+WHERE i.child_id = t.c AND i.node = $3 AND i.incarnation = t.inc

@@ -495,8 +495,7 @@ WHERE key IN (
 -- Whether any rate limit is configured (the claim then grants from buckets).
 SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
 
--- == assets (mainspring.assets) ==================================================
-
+-- == assets (mainspring.assets) ===========================================
 -- record_materialization --
 -- Write a finished materialization; an upsert by id, so a step executed again
 -- after a crash rewrites its own row instead of adding one.
@@ -714,3 +713,379 @@ ORDER BY slot
 -- reset_slots --
 -- Release every slot of :name.
 DELETE FROM ms_slots WHERE name = :name
+=======
+-- ===========================================================================
+-- The cluster layer (mainspring.cluster): KV, registry, process groups, hub.
+-- SQLite has one writer, so revisions and log positions taken inside a write
+-- commit in order. Times are epoch seconds (:now), liveness is a heartbeat
+-- younger than :ttl seconds.
+-- ===========================================================================
+
+-- kv_get --
+-- A live key's value (JSON text) and revision; expired keys are absent.
+SELECT value, rev FROM ms_kv
+WHERE key = :key AND value IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)
+
+-- kv_put --
+-- Set a key (:expires_at or NULL); returns its new revision.
+INSERT INTO ms_kv (key, value, rev, expires_at, updated_at)
+VALUES (:key, :value, (SELECT coalesce(max(rev), 0) + 1 FROM ms_kv), :expires_at, :now)
+ON CONFLICT (key) DO UPDATE
+SET value = excluded.value, rev = excluded.rev, expires_at = excluded.expires_at,
+    updated_at = :now
+RETURNING rev
+
+-- kv_delete --
+-- Delete a live key (it becomes a tombstone for watchers); returns the revision.
+UPDATE ms_kv SET value = NULL, rev = (SELECT coalesce(max(rev), 0) + 1 FROM ms_kv),
+    expires_at = NULL, updated_at = :now
+WHERE key = :key AND value IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)
+RETURNING rev
+
+-- kv_cas_absent --
+-- Create a key only if it is absent (never set, deleted or expired).
+INSERT INTO ms_kv (key, value, rev, expires_at, updated_at)
+VALUES (:key, :value, (SELECT coalesce(max(rev), 0) + 1 FROM ms_kv), :expires_at, :now)
+ON CONFLICT (key) DO UPDATE
+SET value = excluded.value, rev = excluded.rev, expires_at = excluded.expires_at,
+    updated_at = :now
+WHERE ms_kv.value IS NULL OR ms_kv.expires_at <= :now
+RETURNING rev
+
+-- kv_cas --
+-- Replace a live key's value only if it equals :expected (compared as JSON values).
+UPDATE ms_kv SET value = :value, rev = (SELECT coalesce(max(rev), 0) + 1 FROM ms_kv),
+    expires_at = :expires_at, updated_at = :now
+WHERE key = :key AND value IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)
+  AND json(value) = json(:expected)
+RETURNING rev
+
+-- kv_scan --
+-- Live keys starting with :prefix, in key order.
+SELECT key, value, rev FROM ms_kv
+WHERE substr(key, 1, length(:prefix)) = :prefix AND value IS NOT NULL
+  AND (expires_at IS NULL OR expires_at > :now)
+ORDER BY key
+
+-- kv_log --
+-- Log a change (value NULL: a delete) for watchers, in the write's transaction.
+INSERT INTO ms_kv_log (rev, key, value, created_at) VALUES (:rev, :key, :value, :now)
+
+-- kv_log_start --
+-- The oldest revision the change log keeps (a watcher behind it missed changes).
+SELECT coalesce(min(rev), 0) FROM ms_kv_log
+
+-- kv_changes --
+-- Changes (values, or NULL for deletes) under :prefix after revision :after, in order.
+SELECT key, value, rev FROM ms_kv_log
+WHERE rev > :after AND substr(key, 1, length(:prefix)) = :prefix ORDER BY rev LIMIT :n
+
+-- kv_head --
+-- The latest revision.
+SELECT coalesce(max(rev), 0) FROM ms_kv
+
+-- kv_expired --
+-- Live keys whose TTL has passed (each then becomes a tombstone with kv_tombstone).
+SELECT key FROM ms_kv WHERE expires_at <= :now AND value IS NOT NULL ORDER BY key
+
+-- kv_tombstone --
+-- Turn a key into a tombstone with the next revision.
+UPDATE ms_kv SET value = NULL, rev = (SELECT coalesce(max(rev), 0) + 1 FROM ms_kv),
+    expires_at = NULL, updated_at = :now
+WHERE key = :key
+RETURNING rev
+
+-- kv_prune --
+-- Forget tombstones older than :age seconds (never the latest revision).
+DELETE FROM ms_kv WHERE value IS NULL AND updated_at < :now - :age
+  AND rev < (SELECT max(rev) FROM ms_kv)
+
+-- kv_log_prune --
+-- Forget change log entries older than :age seconds.
+DELETE FROM ms_kv_log WHERE created_at < :now - :age
+
+-- name_register --
+-- Take a name for a pid: free names, names of dead nodes and the pid's own
+-- name (idempotent: same token). Returns the token, or no row.
+INSERT INTO ms_names (name, pid, node, token, updated_at) VALUES (:name, :pid, :node, 1, :now)
+ON CONFLICT (name) DO UPDATE
+SET pid = excluded.pid, node = excluded.node, updated_at = :now,
+    token = CASE WHEN ms_names.pid = excluded.pid THEN ms_names.token ELSE ms_names.token + 1 END
+WHERE ms_names.pid IS NULL OR ms_names.pid = excluded.pid OR NOT EXISTS (
+    SELECT 1 FROM ms_nodes m WHERE m.name = ms_names.node AND m.heartbeat_at > :now - :ttl)
+RETURNING token
+
+-- name_lookup --
+-- A name's holder and token, when held by a pid of a live node.
+SELECT n.pid, n.token FROM ms_names n
+JOIN ms_nodes m ON m.name = n.node AND m.heartbeat_at > :now - :ttl
+WHERE n.name = :name AND n.pid IS NOT NULL
+
+-- name_unregister --
+-- Free a name (only if held by :pid, when given).
+UPDATE ms_names SET pid = NULL, node = NULL, updated_at = :now
+WHERE name = :name AND pid IS NOT NULL AND (:pid IS NULL OR pid = :pid)
+RETURNING name
+
+-- names_release_pids --
+-- Free the names held by these pids (their processes exited).
+UPDATE ms_names SET pid = NULL, node = NULL, updated_at = :now
+WHERE pid IN (SELECT value FROM json_each(:pids)) RETURNING name
+
+-- names_release_dead --
+-- Free the names held on nodes whose heartbeat is older than :ttl seconds.
+UPDATE ms_names SET pid = NULL, node = NULL, updated_at = :now
+WHERE pid IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM ms_nodes m WHERE m.name = ms_names.node AND m.heartbeat_at > :now - :ttl)
+RETURNING name
+
+-- names_of --
+-- Every held name (for the dashboard and tests).
+SELECT name, pid, node, token FROM ms_names WHERE pid IS NOT NULL ORDER BY name
+
+-- group_upsert --
+-- Add deltas (:rows, JSON [scope, grp, pid, node, delta]; one per member) to counts.
+INSERT INTO ms_group_members (scope, grp, pid, node, count)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 FROM json_each(:rows)
+WHERE true
+ON CONFLICT (scope, grp, pid) DO UPDATE SET count = ms_group_members.count + excluded.count
+
+-- group_drop_empty --
+-- Remove members whose count fell to zero.
+DELETE FROM ms_group_members WHERE count <= 0
+
+-- group_log --
+-- Append membership changes (:rows as in group_upsert; :origin the writing node).
+INSERT INTO ms_group_log (scope, grp, pid, node, delta, origin, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, :origin, :now
+FROM json_each(:rows) ORDER BY key
+
+-- group_remove_nodes --
+-- Remove every membership of pids on these nodes; returns what was removed.
+DELETE FROM ms_group_members WHERE node IN (SELECT value FROM json_each(:nodes))
+RETURNING scope, grp, pid, node, count
+
+-- group_remove_pids --
+-- Remove every membership of these pids; returns what was removed.
+DELETE FROM ms_group_members WHERE pid IN (SELECT value FROM json_each(:pids))
+RETURNING scope, grp, pid, node, count
+
+-- group_members_all --
+-- The whole membership (a snapshot, read with group_head in one transaction).
+SELECT scope, grp, pid, node, count FROM ms_group_members
+
+-- group_head --
+-- The latest group log position.
+SELECT coalesce(max(seq), 0) FROM ms_group_log
+
+-- group_tail --
+-- Group log entries after :after, in order.
+SELECT seq, scope, grp, pid, node, delta, origin FROM ms_group_log
+WHERE seq > :after ORDER BY seq LIMIT :n
+
+-- group_log_start --
+-- The oldest group log position kept (a reader behind it reloads the snapshot).
+SELECT coalesce(min(seq), 0) FROM ms_group_log
+
+-- group_prune --
+-- Forget group log entries older than :age seconds.
+DELETE FROM ms_group_log WHERE created_at < :now - :age
+
+-- hub_join --
+-- This node serves the hub (not draining).
+INSERT INTO ms_hub_nodes (node, joined_at) VALUES (:node, :now)
+ON CONFLICT (node) DO UPDATE SET draining = 0
+
+-- hub_leave --
+-- This node no longer serves the hub.
+DELETE FROM ms_hub_nodes WHERE node = :node
+
+-- hub_drain --
+-- Mark a node draining: placement leaves it out.
+UPDATE ms_hub_nodes SET draining = 1 WHERE node = :node
+
+-- hub_topology --
+-- Hub nodes with their liveness and heartbeat age in seconds.
+SELECT h.node, h.draining, coalesce(m.heartbeat_at > :now - :ttl, 0) AS alive,
+       :now - m.heartbeat_at AS age
+FROM ms_hub_nodes h LEFT JOIN ms_nodes m ON m.name = h.node ORDER BY h.node
+
+-- hub_prune --
+-- Forget hub nodes silent for more than :ttl seconds.
+DELETE FROM ms_hub_nodes WHERE NOT EXISTS (
+    SELECT 1 FROM ms_nodes m WHERE m.name = ms_hub_nodes.node AND m.heartbeat_at > :now - :ttl)
+RETURNING node
+
+-- proc_insert --
+-- New children (:rows, JSON [child_id, name, args, metadata, nodes]); existing ids are skipped.
+INSERT INTO ms_processes (child_id, name, args, metadata, nodes, created_at, updated_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, :now, :now
+FROM json_each(:rows) WHERE true
+ON CONFLICT (child_id) DO NOTHING
+RETURNING child_id
+
+-- proc_list --
+-- Every child (the placement input).
+SELECT child_id, name, state, nodes, metadata, incarnation, error FROM ms_processes
+
+-- proc_instances --
+-- Every running instance.
+SELECT child_id, node, role, incarnation FROM ms_process_instances
+
+-- proc_get --
+-- Children by id with their started instances (JSON arrays of node and incarnation).
+SELECT p.child_id, p.name, p.state, p.error, p.metadata,
+       (SELECT json_group_array(node) FROM (SELECT node FROM ms_process_instances i
+            WHERE i.child_id = p.child_id AND i.ready ORDER BY role)) AS nodes,
+       (SELECT json_group_array(incarnation) FROM (SELECT incarnation FROM ms_process_instances i
+            WHERE i.child_id = p.child_id AND i.ready ORDER BY role)) AS incarnations
+FROM ms_processes p WHERE p.child_id IN (SELECT value FROM json_each(:ids))
+
+-- proc_drop_instances --
+-- Remove the instances on these nodes (dead ones); returns them.
+DELETE FROM ms_process_instances WHERE node IN (SELECT value FROM json_each(:nodes))
+RETURNING child_id, node, incarnation
+
+-- proc_claim_insert --
+-- Start instances of these children on :node with :role (skipped when the child
+-- already has an active instance, or one on this node).
+INSERT INTO ms_process_instances (child_id, node, role, incarnation)
+SELECT p.child_id, :node, :role, p.incarnation + 1 FROM ms_processes p
+WHERE p.child_id IN (SELECT value FROM json_each(:ids)) AND p.state = 'running'
+ORDER BY p.child_id
+ON CONFLICT DO NOTHING
+RETURNING child_id, incarnation
+
+-- proc_claim_update --
+-- The claimed children (:rows, JSON [child_id, incarnation]) take their new
+-- incarnation; returns them with their last state.
+-- (The batch is a subquery so the plan drives from it through the primary key.)
+UPDATE ms_processes SET incarnation = t.inc, updated_at = :now
+FROM (SELECT value ->> 0 AS c, value ->> 1 AS inc FROM json_each(:rows)) AS t
+WHERE ms_processes.child_id = t.c
+RETURNING child_id, name, args, metadata, state_data, incarnation
+
+-- proc_release_instance --
+-- Give up the instances (:rows, JSON [child_id, incarnation, state]) of :node.
+DELETE FROM ms_process_instances
+WHERE node = :node AND (child_id, incarnation) IN (
+    SELECT value ->> 0, value ->> 1 FROM json_each(:rows))
+RETURNING child_id
+
+-- proc_keep_state --
+-- Keep children's handover state (:rows, JSON [child_id, incarnation, state]; NULL keeps the old).
+UPDATE ms_processes SET state_data = coalesce(t.s, state_data), updated_at = :now
+FROM (SELECT r.value ->> 0 AS c, r.value ->> 2 AS s FROM json_each(:rows) AS r
+      WHERE r.value ->> 0 IN (SELECT value FROM json_each(:ids))) AS t
+WHERE ms_processes.child_id = t.c
+
+-- proc_transfer_insert --
+-- Hand instances to their targets (:rows, JSON [child_id, incarnation, state,
+-- target]): the new instance takes incarnation + 1 (after proc_release_instance).
+INSERT INTO ms_process_instances (child_id, node, role, incarnation)
+SELECT p.child_id, t.target, 'active', p.incarnation + 1
+FROM (SELECT r.value ->> 0 AS c, r.value ->> 3 AS target FROM json_each(:rows) AS r
+      WHERE r.value ->> 0 IN (SELECT value FROM json_each(:ids))) AS t
+JOIN ms_processes p ON p.child_id = t.c
+RETURNING child_id, node, incarnation
+
+-- proc_bump --
+-- Record the new incarnations of transferred children.
+UPDATE ms_processes SET incarnation = incarnation + 1, updated_at = :now
+WHERE child_id IN (SELECT value FROM json_each(:ids))
+
+-- proc_checkpoint --
+-- Persist a child's state, if instance (:node, :incarnation) still runs it.
+UPDATE ms_processes SET state_data = :state, updated_at = :now
+WHERE child_id = :id AND EXISTS (
+    SELECT 1 FROM ms_process_instances i
+    WHERE i.child_id = :id AND i.node = :node AND i.incarnation = :incarnation)
+RETURNING child_id
+
+-- proc_fail_instance --
+-- Remove a failed child's instance on :node.
+DELETE FROM ms_process_instances WHERE child_id = :id AND node = :node
+
+-- proc_fail --
+-- Mark a child failed with its error.
+UPDATE ms_processes SET state = 'failed', error = :error, updated_at = :now
+WHERE child_id = :id RETURNING child_id
+
+-- proc_stop --
+-- Ask for these children to stop (their nodes terminate them).
+UPDATE ms_processes SET state = 'stopping', updated_at = :now
+WHERE child_id IN (SELECT value FROM json_each(:ids)) RETURNING child_id
+
+-- proc_drop_local --
+-- Remove instances of these children on :node (they were terminated).
+DELETE FROM ms_process_instances
+WHERE child_id IN (SELECT value FROM json_each(:ids)) AND node = :node
+RETURNING child_id
+
+-- proc_delete_stopped --
+-- Delete stopping or failed children (:ids) that no instance runs any more.
+DELETE FROM ms_processes
+WHERE child_id IN (SELECT value FROM json_each(:ids)) AND state IN ('stopping', 'failed')
+  AND NOT EXISTS (SELECT 1 FROM ms_process_instances i WHERE i.child_id = ms_processes.child_id)
+RETURNING child_id
+
+-- mailbox_drop --
+-- Delete the mailboxes of these (deleted) children.
+DELETE FROM ms_mailbox WHERE child_id IN (SELECT value FROM json_each(:ids))
+
+-- mailbox_put --
+-- Durable messages (:rows, JSON [child_id, body, reply_to, name, token]), in order.
+INSERT INTO ms_mailbox (child_id, body, reply_to, name, token, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, :now
+FROM json_each(:rows) ORDER BY key
+
+-- mailbox_take --
+-- Messages for children running on :node (:ids) not yet delivered (:inflight
+-- seqs), oldest first, with the current token of the name each was sent to.
+SELECT m.seq, m.child_id, m.body, m.reply_to, m.token, n.token AS current_token,
+       n.pid AS holder
+FROM ms_mailbox m
+JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = :node AND i.role <> 'passive'
+LEFT JOIN ms_names n ON n.name = m.name
+WHERE m.child_id IN (SELECT value FROM json_each(:ids))
+  AND m.seq NOT IN (SELECT value FROM json_each(:inflight))
+ORDER BY m.seq LIMIT :n
+
+-- mailbox_ack --
+-- Delete handled messages.
+DELETE FROM ms_mailbox WHERE seq IN (SELECT value FROM json_each(:seqs))
+
+-- reply_put --
+-- Answers to remote calls (:rows, JSON [id, body, error]).
+INSERT INTO ms_replies (id, body, error, created_at)
+SELECT value ->> 0, value ->> 1, value ->> 2, :now FROM json_each(:rows) WHERE true
+ON CONFLICT (id) DO NOTHING
+
+-- reply_take --
+-- Take the answers that arrived for these calls.
+DELETE FROM ms_replies WHERE id IN (SELECT value FROM json_each(:ids))
+RETURNING id, body, error
+
+-- reply_prune --
+-- Forget answers nobody took within :age seconds.
+DELETE FROM ms_replies WHERE created_at < :now - :age
+
+-- mailbox_prune --
+-- Forget messages older than :age seconds to children that no longer exist.
+DELETE FROM ms_mailbox WHERE created_at < :now - :age
+  AND NOT EXISTS (SELECT 1 FROM ms_processes p WHERE p.child_id = ms_mailbox.child_id)
+
+-- proc_state --
+-- A child's args and last handover or checkpoint state.
+SELECT args, state_data FROM ms_processes WHERE child_id = :id
+
+-- proc_promote --
+-- Make this node's passive replica the child's active instance (fails if one is active).
+UPDATE ms_process_instances SET role = 'active'
+WHERE child_id = :id AND node = :node AND role = 'passive'
+
+-- proc_ready --
+-- Instances (:rows, JSON [child_id, incarnation]) on :node whose init succeeded.
+UPDATE ms_process_instances SET ready = 1
+WHERE node = :node AND (child_id, incarnation) IN (
+    SELECT value ->> 0, value ->> 1 FROM json_each(:rows))
