@@ -716,7 +716,8 @@ WHERE l.name = b.name
       + extract(epoch FROM now() - b.refilled_at) * l.allowed / l.period >= l.burst
   AND NOT EXISTS (SELECT 1 FROM ms_runs r WHERE r.state = 'available' AND r.rate_limit = b.key)
 
--- == assets (mainspring.assets) ===========================================
+-- == assets (mainspring.assets) ==================================================
+
 -- record_materialization --
 -- Write a finished materialization; an upsert by id, so a step executed again
 -- after a crash rewrites its own row instead of adding one.
@@ -944,7 +945,7 @@ SELECT slot, holder, expires_at FROM ms_slots WHERE name = $1 AND expires_at > n
 -- reset_slots --
 -- Release every slot of semaphore $1.
 DELETE FROM ms_slots WHERE name = $1
-=======
+
 -- ===========================================================================
 -- The cluster layer (mainspring.cluster): KV, registry, process groups, hub.
 -- Writes that feed a change log (KV revisions, the group log) take one

@@ -495,7 +495,8 @@ WHERE key IN (
 -- Whether any rate limit is configured (the claim then grants from buckets).
 SELECT EXISTS (SELECT 1 FROM ms_rate_limits)
 
--- == assets (mainspring.assets) ===========================================
+-- == assets (mainspring.assets) ==================================================
+
 -- record_materialization --
 -- Write a finished materialization; an upsert by id, so a step executed again
 -- after a crash rewrites its own row instead of adding one.
@@ -713,7 +714,7 @@ ORDER BY slot
 -- reset_slots --
 -- Release every slot of :name.
 DELETE FROM ms_slots WHERE name = :name
-=======
+
 -- ===========================================================================
 -- The cluster layer (mainspring.cluster): KV, registry, process groups, hub.
 -- SQLite has one writer, so revisions and log positions taken inside a write
