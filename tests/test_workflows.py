@@ -763,3 +763,34 @@ def test_wake_ups_of_a_parked_run_are_routed_to_the_node_that_parked_it(pg_url: 
             await app.aclose()
 
     asyncio.run(main())
+
+
+@aio
+async def test_a_child_finishing_in_the_same_commit_as_its_parents_park_wakes_it(
+    app: ms.App,
+) -> None:
+    from mainspring.run import COMPLETED, WAITING, NewRun, Outcome, StepCommit
+    from mainspring.store.base import QueueDemand
+
+    store = await app.store()
+    now = datetime.now(UTC)
+    parent = NewRun(id="parent", name="p", queue="q", input="{}", state="available", run_at=now,
+                    kind="workflow")  # fmt: skip
+    await store.insert_runs([parent])
+    [p] = await store.claim_runs("node", [QueueDemand("q", 1)], 5.0)
+    child = NewRun(id="child", name="c", queue="q", input="{}", state="available", run_at=now,
+                   parent_id="parent")  # fmt: skip
+    park = StepCommit("workflow", "null", awaits=["__cancel__"], children=[child])
+    assert await store.commit_outcomes([Outcome(p.id, p.fence, WAITING, step=park)])
+    [p] = await store.claim_runs("node", [QueueDemand("q", 1)], 5.0)  # claimed: the child
+    assert p.id == "child"
+    await store.execute_script("UPDATE ms_runs SET state = 'available' WHERE id = 'parent'")
+    [q] = await store.claim_runs("node", [QueueDemand("q", 1)], 5.0)
+    # The parent's next park and its child's completion reach the store in one batch.
+    again = StepCommit("workflow", "null", awaits=["__cancel__"])
+    done = Outcome(p.id, p.fence, COMPLETED, output="1", parent_id="parent")
+    committed = await store.commit_outcomes(
+        [Outcome(q.id, q.fence, WAITING, step=again, seen_seq=q.signal_seq), done]
+    )
+    assert committed == {"parent", "child"}
+    assert (await store.get_run("parent")).state == "available"  # woken, not parked for good

@@ -409,6 +409,14 @@ class PostgresStore(Store):
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
         if any(o.step or o.parent_id or o.state == WAITING for o in outcomes):
+            ids = {o.id for o in outcomes}
+            if any(o.parent_id in ids for o in outcomes):
+                # A statement updates a row once: the fan-in of a child finishing in the
+                # same statement as its parent's own commit would be lost (the parent
+                # parked, never woken). The parents go first; their children follow.
+                first = [o for o in outcomes if o.parent_id not in ids]
+                later = [o for o in outcomes if o.parent_id in ids]
+                return await self.commit_outcomes(first) | await self.commit_outcomes(later)
             return await self._commit_steps(outcomes)
         if all(o.state == COMPLETED and o.error is None and o.run_at is None for o in outcomes):
             rows = await self.pool.fetch(
