@@ -563,6 +563,8 @@ async def test_a_plain_task_heartbeat_timeout_fences_out_the_stalled_holder(app:
     run = await fenced.get_async()
     assert (run.output, run.attempt, run.heartbeat_timeout) == ("fresh", 2, 0.5)
     assert (await hopeless.get_async()).attempt == 2  # both attempts used, then failed
+    with pytest.raises(ms.ConfigError, match="process pool"):  # pool handlers cannot beat
+        app.task(name="pooled", executor="process", heartbeat_timeout=1.0)(time.time)
 
 
 @aio
