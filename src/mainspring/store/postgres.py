@@ -69,12 +69,15 @@ def node_channel(node: str) -> str:
 
 
 def _routes(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """Who to wake for runs that became available: (queues, node channels).
+    """Who to wake for runs that became available: (wake-up tokens, node channels).
 
-    A workflow run parked by a node (its sticky_node) wakes that node only, whose
-    cache holds it; any other node still claims it on its next claim.
+    A workflow run parked by a node (its sticky_node) wakes that node at once on
+    its own channel, where its cache holds the run; the other nodes of the queue
+    get '~later:<queue>' and claim a moment later, so a busy or dead owner costs
+    that moment, not a polling interval. Other runs wake their queue.
     """
     queues: set[str] = set()
+    later: set[str] = set()
     nodes: set[str] = set()
     for row in rows:
         if row["state"] != AVAILABLE:
@@ -83,8 +86,9 @@ def _routes(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
         if sticky is None:
             queues.add(row["queue"])
         else:
+            later.add(row["queue"])
             nodes.add(node_channel(sticky))
-    return sorted(queues), sorted(nodes)
+    return [*sorted(queues), *(f"~later:{q}" for q in sorted(later - queues))], sorted(nodes)
 
 
 def _same(value: Any) -> Any:
