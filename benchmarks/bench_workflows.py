@@ -22,11 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflows", type=int, default=2_000)
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--no-peers", action="store_true", help="skip DBOS Transact")
+    parser.add_argument("--activities", type=int, default=3, help="per workflow (DBOS: 3)")
+    parser.add_argument("--workflow-cache", type=int, default=None, help="0: replay every task")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ns = parser.parse_args(argv)
     result = run_workflows_bench(
-        ns.backend, ns.url, ns.workflows, concurrency=ns.concurrency, peers=not ns.no_peers
-    )
+        ns.backend, ns.url, ns.workflows, concurrency=ns.concurrency, peers=not ns.no_peers,
+        workflow_cache=ns.workflow_cache, steps=ns.activities,
+    )  # fmt: skip
     print(render(result, "json" if ns.json else "table"))
     return 0
 

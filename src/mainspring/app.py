@@ -166,6 +166,10 @@ def idempotency_slot(task_name: str, key: str) -> str:
     return f"idempotency:{task_name}:{key}"
 
 
+_NO_PROCESS_HEARTBEATS = (
+    "task {!r}: heartbeat_timeout needs heartbeats, which handlers in the process pool "
+    "cannot send; use the thread or async executor"
+)
 _IDEMPOTENCY = uuid.UUID("6d61696e-7370-7269-6e67-000000000001")  # namespace of start keys
 
 
@@ -320,6 +324,8 @@ class Task(_Enqueuer[P, R]):
             raise ConfigError("pass either delay or run_at, not both")
         if heartbeat_timeout is not None and heartbeat_timeout <= 0:
             raise ConfigError(f"heartbeat_timeout must be > 0 seconds, got {heartbeat_timeout}")
+        if heartbeat_timeout is not None and self.executor == "process":
+            raise ConfigError(_NO_PROCESS_HEARTBEATS.format(self.name))
         if idempotency_key is not None and concurrency_key is not None:
             raise ConfigError(
                 "idempotency_key already serializes the runs of its key; drop concurrency_key"
@@ -468,6 +474,8 @@ class App:
                 raise ConfigError(f"task {task_name!r}: executor='async' needs an async function")
             if chosen == "thread" and inspect.iscoroutinefunction(func):
                 raise ConfigError(f"task {task_name!r}: executor='thread' needs a sync function")
+            if chosen == "process" and heartbeat_timeout is not None:
+                raise ConfigError(_NO_PROCESS_HEARTBEATS.format(task_name))
             if chosen == "process" and "<locals>" in func.__qualname__:
                 raise ConfigError(
                     f"task {task_name!r}: executor='process' needs a module-level function "

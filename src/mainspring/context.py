@@ -18,7 +18,9 @@ class RunContext:
     A long handler calls `await heartbeat(details)` (`heartbeat_sync` from a
     sync handler): its lease is pushed out now, and `details` (JSON) is kept on
     the run, so the next attempt after a crash reads it as `heartbeat_details`
-    and can resume where the last one got to.
+    and can resume where the last one got to. A run with a `heartbeat_timeout`
+    must heartbeat at least that often (from its claim on), or any node fails
+    the attempt and its commit is refused.
     """
 
     id: str

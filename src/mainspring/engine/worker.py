@@ -52,6 +52,7 @@ log = logging.getLogger("mainspring.worker")
 
 _MAX_BATCH = 1000
 _SILENCE_CHECK = 1.0  # seconds between two checks for attempts past their heartbeat timeout
+_ROUTED_HEAD_START = 0.05  # seconds a routed wake-up leaves the run to its owner node
 
 
 @dataclass(slots=True)
@@ -146,6 +147,7 @@ class Worker:
         self._rotate = 0
         self._notifications: set[asyncio.Future[None]] = set()
         self._known_elsewhere: tuple[float, set[str]] = (0.0, set())
+        self._later: asyncio.TimerHandle | None = None
         self._machines: MachineRunner | None = None
         self._workflows: WorkflowRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -879,6 +881,15 @@ class Worker:
                 self._timer_wake.set()
             elif part in served or part == "~claim":  # ~claim: routed to this node
                 self._work.set()
+            elif part.startswith("~later:") and part[7:] in served:
+                self._claim_later()
+
+    def _claim_later(self) -> None:
+        """Wake the claim loop in a moment: a run whose owner node was woken first (it
+        holds the run's live coroutine) is left to it, unless it is busy or gone."""
+        if self._later is None or self._later.when() <= asyncio.get_running_loop().time():
+            loop = asyncio.get_running_loop()
+            self._later = loop.call_later(_ROUTED_HEAD_START, self._work.set)
 
 
 _EVENTS = {

@@ -225,6 +225,10 @@ class Store(abc.ABC):
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
         """Commit attempt outcomes in one statement; returns the ids committed.
 
+        (A backend whose statements update a row once may commit a batch holding
+        a run and its children's terminal outcomes as two, the parents first:
+        the children's fan-in must see the parents' new rows.)
+
         An outcome whose fence no longer matches (lease lost, run cancelled or
         taken over) is not written and its id is absent from the result, and
         nothing else it carries happens. For each committed outcome, atomically:

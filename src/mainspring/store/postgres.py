@@ -74,12 +74,15 @@ def node_channel(node: str) -> str:
 
 
 def _routes(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
-    """Who to wake for runs that became available: (queues, node channels).
+    """Who to wake for runs that became available: (wake-up tokens, node channels).
 
-    A workflow run parked by a node (its sticky_node) wakes that node only, whose
-    cache holds it; any other node still claims it on its next claim.
+    A workflow run parked by a node (its sticky_node) wakes that node at once on
+    its own channel, where its cache holds the run; the other nodes of the queue
+    get '~later:<queue>' and claim a moment later, so a busy or dead owner costs
+    that moment, not a polling interval. Other runs wake their queue.
     """
     queues: set[str] = set()
+    later: set[str] = set()
     nodes: set[str] = set()
     for row in rows:
         if row["state"] != AVAILABLE:
@@ -88,8 +91,9 @@ def _routes(rows: Sequence[Any]) -> tuple[list[str], list[str]]:
         if sticky is None:
             queues.add(row["queue"])
         else:
+            later.add(row["queue"])
             nodes.add(node_channel(sticky))
-    return sorted(queues), sorted(nodes)
+    return [*sorted(queues), *(f"~later:{q}" for q in sorted(later - queues))], sorted(nodes)
 
 
 def _same(value: Any) -> Any:
@@ -419,6 +423,14 @@ class PostgresStore(Store):
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:
         if any(o.step or o.parent_id or o.state == WAITING for o in outcomes):
+            ids = {o.id for o in outcomes}
+            if any(o.parent_id in ids for o in outcomes):
+                # A statement updates a row once: the fan-in of a child finishing in the
+                # same statement as its parent's own commit would be lost (the parent
+                # parked, never woken). The parents go first; their children follow.
+                first = [o for o in outcomes if o.parent_id not in ids]
+                later = [o for o in outcomes if o.parent_id in ids]
+                return await self.commit_outcomes(first) | await self.commit_outcomes(later)
             return await self._commit_steps(outcomes)
         if all(o.state == COMPLETED and o.error is None and o.run_at is None for o in outcomes):
             rows = await self.pool.fetch(

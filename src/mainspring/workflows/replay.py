@@ -253,6 +253,10 @@ class Replayer:
         self.result = TaskResult()
         return self._live()
 
+    def waiting_children(self) -> list[str]:
+        """The activity and child runs whose results the code still waits for."""
+        return [c.data["child"] for c in self.pending.values() if c.kind in (h.ACTIVITY, h.CHILD)]
+
     def _live(self) -> TaskResult:
         """Deliver what has happened to pending commands until the code blocks on the rest."""
         task = self.main

@@ -87,9 +87,12 @@ class WorkflowRunner:
             return self._unknown_version(run, version)
         live = self._cached(run, definition)
         try:
-            # Paranoid mode reads the whole journal to replay it beside the cached run.
-            after = live.last_seq if live is not None and not self.paranoid else 0
-            data = await self.loader.load(run.id, after)
+            # A cached run reads the journal's tail (to prove it is empty) and the children
+            # it waits for; paranoid mode reads everything, to replay beside it.
+            narrow = live is not None and not self.paranoid
+            after = live.last_seq if live is not None and narrow else 0
+            waits = live.replayer.waiting_children() if live is not None and narrow else None
+            data = await self.loader.load(run.id, after, waits)
             if live is not None and any(e.seq > live.last_seq for e in data.events):
                 self._miss(run, "journal moved")
                 live = None

@@ -673,8 +673,9 @@ DELETE FROM ms_nodes WHERE heartbeat_at < now() - make_interval(secs => $1) RETU
 SELECT pg_notify('mainspring', $1)
 
 -- notify_routed --
--- Wake the listeners of queues ($1, comma-separated, or NULL) and the nodes
--- whose channels are $2 (a sticky workflow's owner: its claim loop wakes).
+-- Wake the listeners of queues ($1, comma-separated wake-up tokens, or NULL)
+-- and the nodes whose channels are $2 (a sticky workflow's owner: its claim
+-- loop wakes first; the other nodes got '~later:<queue>' in $1).
 SELECT pg_notify('mainspring', $1) WHERE $1 IS NOT NULL
 UNION ALL
 SELECT pg_notify(c, '~claim') FROM unnest($2::text[]) AS c
