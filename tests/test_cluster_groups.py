@@ -104,7 +104,7 @@ async def test_members_of_a_dead_node_are_removed(db_url: str) -> None:
             await dead.groups.join("g", "n2/z/1")
             await until(lambda: a.groups.members("g") == ["n2/z/1"])
         await dead.aclose()  # n2 is gone: its node row too
-        await until(lambda: a.groups.members("g") == [], timeout=15)
+        await until(lambda: a.groups.members("g") == [], timeout=30)
 
 
 @aio
