@@ -342,3 +342,86 @@ async def test_active_passive_replicas_take_over_when_the_active_node_leaves(db_
         await eventually(promoted, 15)
         assert await a.hub.call("p0", "get") in (0, 1)
     await a.aclose()
+
+
+class Recorder(ms.Process):
+    """Keeps every message it got, in order."""
+
+    async def init(self, args: dict[str, Any], handover: dict[str, Any] | None) -> None:
+        self.got: list[Any] = []
+
+    async def handle(self, msg: Any) -> Any:
+        if msg == "list":
+            return self.got
+        self.got.append(msg)
+        return None
+
+
+@aio
+async def test_messages_from_one_sender_arrive_in_order_on_another_node(db_url: str) -> None:
+    a, b = (
+        make(db_url, "n1", distribution=ms.Guided()),
+        make(db_url, "n2", distribution=ms.Guided()),
+    )
+    for app in (a, b):
+        app.process(Recorder)
+    async with a.cluster.running(), b.cluster.running():
+        await settled([a, b], 2)
+        assert (await a.hub.start_children([ms.ChildSpec("rec", Recorder, nodes=["n2"])])).ok
+        for i in range(50):
+            await a.hub.send("rec", i)
+
+        async def all_there() -> bool:
+            return len(await a.hub.call("rec", "list")) == 50
+
+        await eventually(all_there, 10)
+        assert await a.hub.call("rec", "list") == list(range(50))
+    await a.aclose()
+    await b.aclose()
+
+
+@aio
+async def test_hooks_see_nodes_join_and_leave_and_children_come_and_go(db_url: str) -> None:
+    async with cluster(db_url, "n1") as (a,):
+        await settled([a], 1)
+        seen: list[tuple[str, Any]] = []
+        for name in ("pre_node_join", "post_node_join", "pre_node_leave", "post_node_leave",
+                     "child_registered", "child_unregistered", "post_children_start",
+                     "pre_redistribution", "post_redistribution"):  # fmt: skip
+            a.hub.hooks.register(name, lambda d, name=name: seen.append((name, d)))
+        await a.hub.start_children([ms.ChildSpec("h1", Counter)])
+        b = make(db_url, "n2")
+        async with b.cluster.running():
+            await settled([a, b], 2)
+        await b.aclose()
+        await settled([a], 1)
+        await a.hub.stop_children(["h1"])
+        names = [n for n, _ in seen]
+        expected = {"post_children_start", "child_registered", "pre_node_join", "post_node_join",
+                    "pre_node_leave", "post_node_leave", "pre_redistribution",
+                    "post_redistribution", "child_unregistered"}  # fmt: skip
+        assert expected <= set(names), (expected - set(names), names)
+        assert ("post_node_join", {"node": "n2"}) in seen
+
+
+def test_quorum_strategies_count_live_nodes() -> None:
+    static = ms.StaticQuorum(3)
+    assert static.partitioned(2) and not static.partitioned(3)
+    majority = ms.MajorityQuorum()
+    assert not majority.partitioned(5)  # seen 5: quorum 3
+    assert not majority.partitioned(3) and majority.partitioned(2)
+    majority.reset_cluster_size(2)  # shrunk on purpose
+    assert not majority.partitioned(2)
+    with pytest.raises(ms.ConfigError):
+        ms.StaticQuorum(0)
+
+
+def test_consistent_hashing_moves_only_what_the_new_node_takes() -> None:
+    ring = ms.ConsistentHashing(vnodes=128)
+    children = {f"c{i}": None for i in range(3000)}
+    before = ring.belongs_to(children, ["a", "b", "c"], 1)
+    after = ring.belongs_to(children, ["a", "b", "c", "d"], 1)
+    moved = [c for c in children if before[c] != after[c]]
+    assert all(after[c] == ["d"] for c in moved)  # nothing moves between old nodes
+    assert 0.18 < len(moved) / len(children) < 0.32  # about 1/4
+    assert ring.belongs_to(children, ["a", "b", "c"], 2)["c1"][0] == before["c1"][0]
