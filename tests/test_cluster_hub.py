@@ -313,34 +313,38 @@ async def test_active_passive_replicas_take_over_when_the_active_node_leaves(db_
         async with b.cluster.running():
             await settled([a, b], 2)
             assert (
-                await a.hub.start_children([ms.ChildSpec(f"p{i}", Counter) for i in range(6)])
+                await a.hub.start_children([ms.ChildSpec(f"p{i}", Counter) for i in range(12)])
             ).ok
 
             async def replicated() -> bool:
                 await a.hub.refresh()
-                return all(len(a.hub.which_nodes(f"p{i}")) == 2 for i in range(6))
+                return all(len(a.hub.which_nodes(f"p{i}")) == 2 for i in range(12))
 
             await eventually(replicated, 15)
             roles = {
                 cid: (a.hub._local[cid].role if cid in a.hub._local else None,
                       b.hub._local[cid].role if cid in b.hub._local else None)
-                for cid in (f"p{i}" for i in range(6))
+                for cid in (f"p{i}" for i in range(12))
             }  # fmt: skip
             assert all(sorted(r) == ["active", "passive"] for r in roles.values()), roles
             on_b = [cid for cid, (_ra, rb) in roles.items() if rb == "active"]
+            assert on_b  # some actives on each node (12 children on the ring)
             for cid in on_b:
-                await a.hub.send(cid, "inc")
+                assert await a.hub.call(cid, "inc") == 1
+                assert await a.hub.call(cid, "save") is True  # a checkpoint the twin reads
         await b.aclose()
 
         # n2 left: its active replicas' passive twins on n1 become active.
         async def promoted() -> bool:
             return all(
                 cid in a.hub._local and a.hub._local[cid].role == "active"
-                for cid in (f"p{i}" for i in range(6))
+                for cid in (f"p{i}" for i in range(12))
             )
 
         await eventually(promoted, 15)
-        assert await a.hub.call("p0", "get") in (0, 1)
+        for cid in on_b:  # promoted with the last checkpoint
+            assert await a.hub.call(cid, "get") == 1
+            assert a.hub._local[cid].proc.role == "active"  # type: ignore[union-attr]
     await a.aclose()
 
 
