@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -429,3 +431,37 @@ def test_consistent_hashing_moves_only_what_the_new_node_takes() -> None:
     assert all(after[c] == ["d"] for c in moved)  # nothing moves between old nodes
     assert 0.18 < len(moved) / len(children) < 0.32  # about 1/4
     assert ring.belongs_to(children, ["a", "b", "c"], 2)["c1"][0] == before["c1"][0]
+
+
+async def _age(app: ms.App, node: str) -> None:
+    """Make a node's heartbeat older than the TTL (it looks dead from now on)."""
+    store = await app.store()
+    if store.backend == "postgres":
+        ago = "now() - interval '60 seconds'"
+        sql = f"UPDATE ms_nodes SET heartbeat_at = {ago} WHERE name = '{node}'"
+    else:
+        sql = f"UPDATE ms_nodes SET heartbeat_at = {time.time() - 60} WHERE name = '{node}'"
+    await store.execute_script(sql)
+
+
+@aio
+async def test_node_downs_within_the_batch_window_are_one_redistribution(db_url: str) -> None:
+    a = make(db_url, "n1", nodedown_batch_window_ms=800)
+    downs: list[dict[str, Any]] = []
+    a.telemetry.attach("hub.nodes_down", lambda _event, data: downs.append(data))
+    async with a.cluster.running():
+        store, cs = await a.store(), await a.cluster.store()
+        for fake in ("f1", "f2"):  # nodes that joined the hub and then went silent
+            await store.heartbeat_node(fake, [], [], 0, "up")
+            await cs.hub_join(fake)
+        await settled([a], 3)
+        redistributions: list[Any] = []
+        a.hub.hooks.register("post_redistribution", redistributions.append)
+        await _age(a, "f1")
+        await asyncio.sleep(0.3)
+        await _age(a, "f2")
+        await settled([a], 1)
+        await asyncio.sleep(0.3)
+        assert [sorted(d["nodes"]) for d in downs] == [["f1", "f2"]]
+        assert len(redistributions) == 1
+    await a.aclose()
