@@ -465,3 +465,33 @@ async def test_node_downs_within_the_batch_window_are_one_redistribution(db_url:
         assert [sorted(d["nodes"]) for d in downs] == [["f1", "f2"]]
         assert len(redistributions) == 1
     await a.aclose()
+
+
+@aio
+async def test_active_active_replicas_answer_local_calls_and_the_active_one_the_mailbox(
+    db_url: str,
+) -> None:
+    options: dict[str, Any] = {
+        "redundancy": ms.Replication(factor=2, mode="active_active"),
+        "migration": ms.ColdSwap(handover=False),
+    }
+    async with cluster(db_url, "n1", "n2", **options) as (a, b):
+        await settled([a, b], 2)
+        assert (await a.hub.start_children([ms.ChildSpec("aa", Counter)])).ok
+
+        async def both() -> bool:
+            return "aa" in a.hub.local_children() and "aa" in b.hub.local_children()
+
+        await eventually(both, 15)
+        assert {a.hub._local["aa"].role, b.hub._local["aa"].role} == {"active", "replica"}
+        for _ in range(20):
+            await a.hub.send("aa", "inc")
+
+        active = a if a.hub._local["aa"].role == "active" else b
+        replica = b if active is a else a
+
+        async def handled() -> bool:
+            return await active.hub.call("aa", "get") == 20
+
+        await eventually(handled, 15)
+        assert await replica.hub.call("aa", "get") == 0  # answered by the local replica

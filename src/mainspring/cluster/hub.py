@@ -890,7 +890,7 @@ class Hub:
         """Take mailbox messages of local children (these, or all) into their queues."""
         local = [
             c for c, lc in self._local.items()
-            if not lc.done and lc.role != "passive" and (ids is None or c in ids)
+            if not lc.done and lc.role == "active" and (ids is None or c in ids)
         ]  # fmt: skip
         if not local:
             return 0
