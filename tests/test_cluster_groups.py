@@ -104,7 +104,7 @@ async def test_members_of_a_dead_node_are_removed(db_url: str) -> None:
             await dead.groups.join("g", "n2/z/1")
             await until(lambda: a.groups.members("g") == ["n2/z/1"])
         await dead.aclose()  # n2 is gone: its node row too
-        await until(lambda: a.groups.members("g") == [], timeout=15)
+        await until(lambda: a.groups.members("g") == [], timeout=30)
 
 
 @aio
@@ -115,3 +115,19 @@ async def test_scopes_are_independent(db_url: str) -> None:
         await until(lambda: b.groups.scope("s1").members("g") == ["n1/p/1"])
         await until(lambda: b.groups.members("g") == ["n1/q/1"])
         assert b.groups.scope("s2").members("g") == []
+
+
+@aio
+async def test_a_plain_client_reads_members_after_a_refresh(db_url: str) -> None:
+    async with nodes(db_url, "n1") as (a,):
+        await a.groups.join("g", "n1/p/1")
+        client = ms.App(db_url, lease_ttl=3.0)
+        try:
+            await eventually(lambda: _refreshed(client, ["n1/p/1"]), 10)
+        finally:
+            await client.aclose()
+
+
+async def _refreshed(app: ms.App, want: list[str]) -> bool:
+    await app.groups.refresh()
+    return app.groups.members("g") == want

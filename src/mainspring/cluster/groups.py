@@ -236,6 +236,11 @@ class Groups:
         else:
             await self.flush()
 
+    async def refresh(self) -> None:
+        """Bring the local snapshot up to date now (in a process without a cluster loop,
+        whose snapshot is otherwise only what it wrote itself)."""
+        await self.sync(await self.cluster.store())
+
     async def flush(self) -> None:
         """Write this node's pending joins and leaves to the database now."""
         if not self._pending:

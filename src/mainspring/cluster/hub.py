@@ -612,17 +612,31 @@ class Hub:
                 for claim in await cs.proc_claim(ids[start : start + 1000], me, role):
                     await self._start(claim, role, "migration" if claim.state_data else None)
         for cid in promote:
-            lc = self._local.get(cid)
-            if lc is not None:
-                with contextlib.suppress(Exception):  # another replica won the promotion
-                    await cs.proc_promote(cid, me)
-                    lc.role = "active"
-                    if lc.proc is not None:
-                        lc.proc.role = "active"
+            await self._promote(cs, cid)
         if moves:
             await self._migrate(cs, moves)
         if topology_changed:
             await self.hooks.dispatch("post_redistribution", {"nodes": list(self._placement)})
+
+    async def _promote(self, cs: ClusterStore, cid: str) -> None:
+        """The active replica is gone and this passive one is next: it becomes active,
+        restarted with the child's last checkpoint (`init` runs again with it)."""
+        lc = self._local.get(cid)
+        if lc is None or lc.done:
+            return
+        try:
+            await cs.proc_promote(cid, self.node)
+        except Exception:  # another replica won the promotion (the unique index)
+            return
+
+        async def end(proc: Process) -> None:
+            with contextlib.suppress(Exception):
+                await proc.terminate("promoted")
+
+        await self._control(lc, end, self.migration.state_query_timeout)
+        lc.done = True
+        self._local.pop(cid, None)
+        await self._resume(cs, cid, "active", lc.incarnation)
 
     async def _resume(self, cs: ClusterStore, cid: str, role: str, incarnation: int) -> None:
         rows = await cs.proc_get([cid])
@@ -876,7 +890,7 @@ class Hub:
         """Take mailbox messages of local children (these, or all) into their queues."""
         local = [
             c for c, lc in self._local.items()
-            if not lc.done and lc.role != "passive" and (ids is None or c in ids)
+            if not lc.done and lc.role == "active" and (ids is None or c in ids)
         ]  # fmt: skip
         if not local:
             return 0

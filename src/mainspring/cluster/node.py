@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING
 
 from mainspring.cluster.groups import Groups
@@ -119,7 +119,7 @@ class Cluster:
                 await self._heartbeat(store)
             await cs.hub_join(self.node_name)
             await cs.notify("top")
-            await self._loop(store, cs, push, heartbeat=worker is None, started=started)
+            await self._loop(store, cs, push, on_notify, heartbeat=worker is None, started=started)
         finally:
             self.serving = False
             with contextlib.suppress(Exception):
@@ -141,6 +141,7 @@ class Cluster:
         store: Store,
         cs: ClusterStore,
         push: bool,
+        on_notify: Callable[[str], None],
         *,
         heartbeat: bool,
         started: asyncio.Event | None,
@@ -156,7 +157,17 @@ class Cluster:
             flags, self._flags = self._flags, set()
             mail, self._mail = self._mail, set()
             try:
-                polled = not push and await cs.changed()
+                if push and not cs.listening():
+                    # The notification connection was lost: listen again and catch up
+                    # on everything it may have missed.
+                    log.warning("cluster notifications on %s lost; listening again", self.node_name)
+                    await cs.listen(on_notify)
+                    flags |= {"proc", "rp", "pg"}
+                    mail = None
+                # Pushed or not, a slow turn re-reads everything (a lost notification
+                # costs at most a second).
+                slow = now >= next_slow
+                polled = (not push and await cs.changed()) or slow
                 if heartbeat and now >= next_beat:
                     await self._heartbeat(store)
                     next_beat = now + min(5.0, ttl / 3)
@@ -178,9 +189,9 @@ class Cluster:
                 if groups._pending:
                     await groups.flush()
                     await cs.notify("pg")
-                if "pg" in flags or polled or now >= next_slow:
+                if "pg" in flags or polled:
                     await groups.sync(cs)
-                if now >= next_slow:
+                if slow:
                     next_slow = now + 1.0
                     await cs.kv_expire(3600.0)
                     if hub._self_ok:

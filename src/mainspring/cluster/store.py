@@ -293,6 +293,10 @@ class ClusterStore(abc.ABC):
     async def unlisten(self) -> None:
         """Stop calling the callback."""
 
+    def listening(self) -> bool:
+        """True while pushed notifications arrive (never, on a polling backend)."""
+        return False
+
     @abc.abstractmethod
     async def changed(self) -> bool:
         """Whether another connection wrote since the last call (polling backends)."""

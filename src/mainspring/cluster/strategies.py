@@ -110,9 +110,10 @@ class Singularity:
 
 @dataclass(frozen=True)
 class Replication:
-    """Children run on `factor` nodes. active_active: every replica handles messages;
-    active_passive: one active replica does, and a passive one takes over when its node
-    dies (`self.role` tells a process which it is)."""
+    """Children run on `factor` nodes; the active replica handles the durable mailbox.
+    active_active: every replica runs and answers calls made on its own node (reads
+    close to the caller); active_passive: the others stand by and one takes over, from
+    the last checkpoint, when the active one's node goes. `self.role` says which."""
 
     factor: int = 2
     mode: Literal["active_active", "active_passive"] = "active_passive"

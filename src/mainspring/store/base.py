@@ -2,7 +2,8 @@
 
 Each backend (sqlite.py, postgres.py) is one class that fulfils this list with
 its own named SQL (store/sql/<backend>.sql). Telemetry and retries live around
-the interface, never inside a backend.
+the interface, never inside a backend. The cluster layer's part of the contract
+(KV, registry, groups, processes, mailboxes) is mainspring.cluster.store.ClusterStore.
 """
 
 from __future__ import annotations

@@ -1299,13 +1299,13 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) WITH O
 ORDER BY i
 
 -- mailbox_take --
--- Messages for children running on node $2 ($1: their ids) not yet delivered
+-- Messages for children whose active instance runs on node $2 ($1: their ids) not yet delivered
 -- ($3: seqs in flight), oldest first; with the current token of the name each
 -- was sent to (a mismatch means a stale holder: the message is dropped).
 SELECT m.seq, m.child_id, m.body::text AS body, m.reply_to, m.token, n.token AS current_token,
        n.pid AS holder
 FROM ms_mailbox m
-JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = $2 AND i.role <> 'passive'
+JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = $2 AND i.role = 'active'
 LEFT JOIN ms_names n ON n.name = m.name
 WHERE m.child_id = ANY($1::text[]) AND NOT (m.seq = ANY($3::bigint[]))
 ORDER BY m.seq LIMIT $4

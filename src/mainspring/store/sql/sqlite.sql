@@ -1041,12 +1041,12 @@ SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, :now
 FROM json_each(:rows) ORDER BY key
 
 -- mailbox_take --
--- Messages for children running on :node (:ids) not yet delivered (:inflight
+-- Messages for children whose active instance runs on :node (:ids) not yet delivered (:inflight
 -- seqs), oldest first, with the current token of the name each was sent to.
 SELECT m.seq, m.child_id, m.body, m.reply_to, m.token, n.token AS current_token,
        n.pid AS holder
 FROM ms_mailbox m
-JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = :node AND i.role <> 'passive'
+JOIN ms_process_instances i ON i.child_id = m.child_id AND i.node = :node AND i.role = 'active'
 LEFT JOIN ms_names n ON n.name = m.name
 WHERE m.child_id IN (SELECT value FROM json_each(:ids))
   AND m.seq NOT IN (SELECT value FROM json_each(:inflight))
