@@ -62,6 +62,13 @@ _TRANSIENT = (
     asyncpg.exceptions.TransactionRollbackError,
 )
 CHANNEL = "mainspring"
+# The pools of the claim and commit statements plan each statement once per
+# connection: a custom plan of a claim or a commit cost more than running it
+# (the planner estimates `id = ANY($1)` element by element), and the generic
+# plans have the same shape, driven by the claim index and the primary key
+# (partial-index predicates are constants in the SQL). Every other statement
+# keeps custom plans: some (the cluster's among them) need their parameters.
+_HOT_PATH = {"plan_cache_mode": "force_generic_plan"}
 # Batches this large and plain go in by COPY (see _copy_plain); the columns it fills:
 _COPY_MIN = 32
 _COPY_COLUMNS = ("id", "name", "queue", "state", "priority", "max_attempts", "input")
@@ -163,6 +170,7 @@ class PostgresStore(Store):
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self._relaxed: asyncpg.Pool | None = None
+        self._committing: asyncpg.Pool | None = None
         # Which queues have a global limit, re-read every few seconds: the common
         # unlimited claim then stays one statement.
         self._limited_cache: dict[str, bool] | None = None
@@ -188,14 +196,10 @@ class PostgresStore(Store):
                 reset=_reset,
                 server_settings={
                     "application_name": "mainspring",
-                    # Plan each statement once per connection. A custom plan of the
-                    # claim or commit costs more than executing it (the planner
-                    # estimates `id = ANY($1)` element by element), and the generic
-                    # plans have the same shape: driven by the claim index and the
-                    # primary key. Partial-index predicates are constants in the SQL,
-                    # so generic plans can use them. JIT only costs compile time on
-                    # these short statements.
-                    "plan_cache_mode": "force_generic_plan",
+                    # Plan statements with their real parameters (see _HOT_PATH for
+                    # the pools that plan once). JIT only costs compile time on these
+                    # short statements.
+                    "plan_cache_mode": "force_custom_plan",
                     "jit": "off",
                     **settings,
                 },
@@ -218,22 +222,28 @@ class PostgresStore(Store):
         flush also carries every earlier relaxed write.
         """
         if self._relaxed is None:
-            self._relaxed = await self._create_pool(1, 3, synchronous_commit="off")
+            self._relaxed = await self._create_pool(1, 3, synchronous_commit="off", **_HOT_PATH)
         return self._relaxed
+
+    async def committing(self) -> asyncpg.Pool:
+        """Connections for the outcome commits: durable, and planned once (_HOT_PATH)."""
+        if self._committing is None:
+            self._committing = await self._create_pool(1, 2, **_HOT_PATH)
+        return self._committing
 
     async def close(self) -> None:
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=2)
             self._listener = None
-        for pool in (self._pool, self._relaxed):
+        for pool in (self._pool, self._relaxed, self._committing):
             if pool is None:
                 continue
             try:
                 await asyncio.wait_for(pool.close(), timeout=5)
             except (TimeoutError, OSError, asyncpg.PostgresError):
                 pool.terminate()
-        self._pool = self._relaxed = None
+        self._pool = self._relaxed = self._committing = None
 
     async def migrate(self) -> int:
         async with self.pool.acquire() as con, con.transaction():
@@ -432,22 +442,23 @@ class PostgresStore(Store):
                 later = [o for o in outcomes if o.parent_id in ids]
                 return await self.commit_outcomes(first) | await self.commit_outcomes(later)
             return await self._commit_steps(outcomes)
+        pool = await self.committing()
         if all(o.state == COMPLETED and o.error is None and o.run_at is None for o in outcomes):
-            rows = await self.pool.fetch(
+            rows = await pool.fetch(
                 Q["commit_completed"],
                 [o.id for o in outcomes],
                 [o.fence for o in outcomes],
                 [o.output for o in outcomes],
             )
             return {r[0] for r in rows}
-        rows = await self.pool.fetch(Q["commit_outcomes"], *_outcome_arrays(outcomes))
+        rows = await pool.fetch(Q["commit_outcomes"], *_outcome_arrays(outcomes))
         return {r[0] for r in rows}
 
     async def _commit_steps(self, outcomes: Sequence[Outcome]) -> set[str]:
         steps = [o.step for o in outcomes]
         consume = [(o.id, sid) for o in outcomes if o.step for sid in o.step.consume]
         kids = [k for o in outcomes if o.step for k in o.step.children]
-        rows = await self.pool.fetch(
+        rows = await (await self.committing()).fetch(
             Q["commit_steps"],
             *_outcome_arrays(outcomes),
             [s is not None for s in steps],
