@@ -127,7 +127,7 @@ class Claimed:
     max_attempts: int
     fence: int
     timeout: float | None
-    created_at: datetime
+    created: float  # when it was enqueued, epoch seconds (cheap to decode)
     parent_id: str | None = None
     step: str | None = None
     state_data: str | None = None  # JSON text, decoded by the model that runs the step

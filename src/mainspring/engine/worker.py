@@ -388,7 +388,7 @@ class Worker:
             self.telemetry.emit(
                 "run.claimed", id=run.id, name=run.name, queue=run.queue, attempt=run.attempt,
                 node=self.name,
-                queued_for=(datetime.now(UTC) - run.created_at).total_seconds(),
+                queued_for=time.time() - run.created,
             )  # fmt: skip
 
     # -- execute -----------------------------------------------------------------------

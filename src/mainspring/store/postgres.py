@@ -418,17 +418,12 @@ class PostgresStore(Store):
                 continue
         else:
             return []
-        loads = payload.loads
         claimed = []
         for r in rows:
             if r[0] is None:  # a bucket that granted fewer than were waiting
                 self._throttled.append(Throttle(r[2], r[5], r[6]))
                 continue
-            run = Claimed(
-                r[0], r[1], r[2], r[3], loads(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-                r[12], r[13], r[14], r[15], r[16], r[17],
-            )  # fmt: skip
-            claimed.append(run)
+            claimed.append(_claimed(r))
         return claimed
 
     async def commit_outcomes(self, outcomes: Sequence[Outcome]) -> set[str]:

@@ -984,7 +984,7 @@ def _claimed(r: sqlite3.Row) -> Claimed:
     """A Claimed from a claim's RETURNING row (its columns are in Claimed's field order)."""
     return Claimed(
         r[0], r[1], r[2], r[3], payload.loads(r[4]), r[5], r[6], r[7], r[8],
-        datetime.fromtimestamp(r[9], UTC), r[10], r[11], r[12], r[13], payload.loads(r[14]),
+        r[9], r[10], r[11], r[12], r[13], payload.loads(r[14]),
         r[15], r[16], r[17],
     )  # fmt: skip
 

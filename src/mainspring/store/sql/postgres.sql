@@ -105,7 +105,7 @@ SET state = 'running', attempt = r.attempt + 1, fence = r.fence + 1,
     started_at = now(), updated_at = now()
 WHERE r.ctid = ANY (ARRAY(SELECT ctid FROM pick))
 RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
-          r.fence, r.timeout, r.created_at, r.parent_id, r.step, r.state_data::text AS state_data,
+          r.fence, r.timeout, extract(epoch FROM r.created_at)::float8, r.parent_id, r.step, r.state_data::text AS state_data,
           r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
 
 -- claim_rated_runs --
@@ -189,7 +189,7 @@ WITH bk AS (
         started_at = now(), updated_at = now()
     WHERE r.ctid = ANY (ARRAY(SELECT ctid FROM pick))
     RETURNING r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
-              r.fence, r.timeout, r.created_at, r.parent_id, r.step,
+              r.fence, r.timeout, extract(epoch FROM r.created_at)::float8, r.parent_id, r.step,
               r.state_data::text AS state_data, r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
 )
 SELECT * FROM upd
@@ -432,7 +432,7 @@ RETURNING id
 -- a heartbeat (counting from their claim: a heartbeat of an earlier attempt
 -- is older than started_at). Columns as claim_runs returns them.
 SELECT r.id, r.kind, r.name, r.queue, r.input::text AS input, r.attempt, r.max_attempts,
-       r.fence, r.timeout, r.created_at, r.parent_id, r.step, r.state_data::text AS state_data,
+       r.fence, r.timeout, extract(epoch FROM r.created_at)::float8, r.parent_id, r.step, r.state_data::text AS state_data,
        r.signal_seq, r.awaits, r.version, r.rate_limit, r.weight
 FROM ms_runs r
 WHERE r.heartbeat_timeout IS NOT NULL AND r.state = 'running'
