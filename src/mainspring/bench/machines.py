@@ -22,7 +22,6 @@ Measurement
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
 import time
@@ -44,6 +43,7 @@ from mainspring.bench.jobs import (
     _Probe,
     _rate,
 )
+from mainspring.bench.report import host_line, render_checks
 from mainspring.bench.worker import spawn, worker_main
 
 MACHINE: Final = "bench.three"
@@ -202,30 +202,16 @@ def render(result: MachinesBenchResult, fmt: str = "table") -> str:
     """The result as a rich table (plain text), or as JSON when fmt == "json"."""
     if fmt == "json":
         return json.dumps(result.to_dict(), indent=2, default=str)
-    from rich.console import Console
-    from rich.table import Table
-
-    r, h = result, result.host
+    r = result
     title = (
         f"mainspring bench machines: {r.backend}, {r.machines:,} machines of {STEPS} steps, "
         f"concurrency {r.concurrency}"
     )
-    table = Table("metric", "mainspring", "target", "")
-    for c in r.checks():
-        table.add_row(c.metric, c.mainspring, c.target,
-                      "" if c.passed is None else ("✓ pass" if c.passed else "✗ FAIL"))  # fmt: skip
-    out = io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False, color_system=None)
-    console.print(title, highlight=False)  # as a table title it would wrap at the table width
-    console.print(table)
-    console.print(
+    summary = (
         f"{r.completed:,} machines completed, {r.transitions:,} transitions committed in "
-        f"{r.elapsed_s or 0:.2f} s; {h.get('cpu_count')} CPUs, {h.get('python')}, "
-        f"{h.get('db_version')}; load {h.get('load_average_at_start')}; "
-        f"revision {h.get('revision')}; total {r.duration_s:.0f} s",
-        highlight=False,
+        f"{r.elapsed_s or 0:.2f} s; {host_line(r.host, r.duration_s)}"
     )
-    return out.getvalue()
+    return render_checks(title, r.checks(), [summary])
 
 
 # --------------------------------------------------------------------------- worker process

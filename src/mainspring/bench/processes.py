@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import statistics
@@ -47,6 +46,7 @@ from mainspring.bench.jobs import (
     _fmt_rate,
     _machine_info,
 )
+from mainspring.bench.report import host_line, render_checks
 
 TARGET_REMOTE: Final = 5_000.0  # messages per second to processes on other nodes (PostgreSQL)
 TARGET_LOCAL: Final = 100_000.0  # messages per second to local processes
@@ -334,29 +334,12 @@ def run_processes_bench(
 def render(result: ProcessesBenchResult, fmt: str = "table") -> str:
     if fmt == "json":
         return json.dumps(result.to_dict(), indent=2, default=str)
-    from rich.console import Console
-    from rich.table import Table
-
-    r, h = result, result.host
-    table = Table("metric", "mainspring", "target", "")
-    for c in r.checks():
-        table.add_row(c.metric, c.mainspring, c.target,
-                      "" if c.passed is None else ("✓ pass" if c.passed else "✗ FAIL"))  # fmt: skip
-    out = io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False, color_system=None)
+    r = result
     title = (
         f"mainspring bench processes: {r.backend}, {r.messages:,} remote messages to "
         f"{r.children} processes, {r.local_messages:,} local"
     )
-    console.print(title, highlight=False)
-    console.print(table)
-    console.print(
-        f"{h.get('cpu_count')} CPUs, {h.get('python')}, {h.get('db_version')}; load "
-        f"{h.get('load_average_at_start')}; revision {h.get('revision')}; "
-        f"total {r.duration_s:.0f} s",
-        highlight=False,
-    )
-    return out.getvalue()
+    return render_checks(title, r.checks(), [host_line(r.host, r.duration_s)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,7 +29,6 @@ Measurement
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import sys
 import time
@@ -52,6 +51,7 @@ from mainspring.bench.jobs import (
     _rate,
     _ratio,
 )
+from mainspring.bench.report import host_line, render_checks
 from mainspring.bench.worker import spawn, worker_main
 from mainspring.store.base import Store
 from mainspring.workflows.workflow import WorkflowDef
@@ -316,39 +316,24 @@ def render(result: WorkflowsBenchResult, fmt: str = "table") -> str:
     """The result as a rich table (plain text), or as JSON when fmt == "json"."""
     if fmt == "json":
         return json.dumps(result.to_dict(), indent=2, default=str)
-    from rich.console import Console
-    from rich.table import Table
-
-    r, h = result, result.host
+    r = result
     title = (
         f"mainspring bench workflows: {r.backend}, {r.workflows:,} workflows of "
         f"{r.steps} activities, concurrency {r.concurrency}, workflow cache "
         f"{r.workflow_cache:,}"
     )
-    table = Table("metric", "rate", "ratio", "target", "")
-    for c in r.checks():
-        table.add_row(c.metric, c.mainspring, c.ratio, c.target,
-                      "" if c.passed is None else ("✓ pass" if c.passed else "✗ FAIL"))  # fmt: skip
-    out = io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False, color_system=None)
-    console.print(title, highlight=False)
-    console.print(table)
-    console.print(
+    lines = [
         f"{r.completed:,} workflows and {r.activities:,} activities completed, {r.commits:,} "
-        f"outcomes committed in {r.elapsed_s or 0:.2f} s; {h.get('cpu_count')} CPUs, "
-        f"{h.get('python')}, {h.get('db_version')}; load {h.get('load_average_at_start')}; "
-        f"revision {h.get('revision')}; total {r.duration_s:.0f} s",
-        highlight=False,
-    )
+        f"outcomes committed in {r.elapsed_s or 0:.2f} s; {host_line(r.host, r.duration_s)}"
+    ]
     if r.dbos is not None and r.dbos.error:
-        console.print(f"DBOS Transact: error: {r.dbos.error}", highlight=False)
+        lines.append(f"DBOS Transact: error: {r.dbos.error}")
     elif r.dbos is not None:
-        console.print(
+        lines.append(
             f"DBOS Transact: {r.dbos.completed:,} workflows in {r.dbos.elapsed_s or 0:.2f} s "
-            "(first start to last completion, database clock), same server, own database",
-            highlight=False,
+            "(first start to last completion, database clock), same server, own database"
         )
-    return out.getvalue()
+    return render_checks(title, r.checks(), lines, ratio=True)
 
 
 # --------------------------------------------------------------------------- worker process
