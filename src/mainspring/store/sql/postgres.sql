@@ -797,12 +797,21 @@ SELECT parent_id, state, count(*) AS n FROM ms_runs WHERE parent_id = ANY($1)
 GROUP BY parent_id, state
 
 -- create_gate --
--- Open gate $1 for run $2 (an upsert: a step executed again reopens the same
--- gate with its new expiry; a gate already signaled stays signaled).
+-- Open gate $1 for run $2, asset $3, partition $4 (an upsert: a step executed
+-- again moves a waiting gate's expiry; a gate a signal opened first gets its
+-- asset and keeps its status).
 INSERT INTO ms_gates AS g (id, run_id, asset, partition, status, expires_at, round)
 VALUES ($1, $2, $3, $4, 'waiting', $5, $6)
-ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
-WHERE g.status = 'waiting'
+ON CONFLICT (id) DO UPDATE
+SET asset = excluded.asset, partition = excluded.partition,
+    expires_at = CASE WHEN g.status = 'waiting' THEN excluded.expires_at ELSE g.expires_at END
+
+-- open_gate --
+-- Open gate $1 of run $2 as its token describes it ($3 expiry, $4 round) unless
+-- it exists: a signal may come before the asset has parked.
+INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round)
+VALUES ($1, $2, '', '', 'waiting', $3, $4)
+ON CONFLICT (id) DO NOTHING
 
 -- signal_gate --
 -- Gate $1 goes from waiting to signaled with payload $2 when it has not

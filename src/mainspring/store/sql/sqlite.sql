@@ -587,12 +587,20 @@ WHERE parent_id IN (SELECT value FROM json_each(:ids))
 GROUP BY parent_id, state
 
 -- create_gate --
--- Open a gate (an upsert: a step executed again reopens it with its new
--- expiry; a gate already signaled stays signaled).
+-- Open a gate (an upsert: a step executed again moves a waiting gate's expiry;
+-- a gate a signal opened first gets its asset and keeps its status).
 INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round, created_at)
 VALUES (:id, :run_id, :asset, :partition, 'waiting', :expires_at, :round, :now)
-ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
-WHERE ms_gates.status = 'waiting'
+ON CONFLICT (id) DO UPDATE
+SET asset = excluded.asset, partition = excluded.partition,
+    expires_at = CASE WHEN status = 'waiting' THEN excluded.expires_at ELSE expires_at END
+
+-- open_gate --
+-- Open a gate as its token describes it unless it exists: a signal may come
+-- before the asset has parked.
+INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round, created_at)
+VALUES (:id, :run_id, '', '', 'waiting', :expires_at, :round, :now)
+ON CONFLICT (id) DO NOTHING
 
 -- signal_gate --
 -- A waiting, unexpired gate becomes signaled with :payload; returns its run.
