@@ -43,7 +43,9 @@ def approval_pipeline(app: ms.App, gate: ms.Gate) -> tuple[Any, list[str], list[
 async def parked(app: ms.App, handle: ms.RunHandle, urls: list[str], count: int = 1) -> str:
     async def waiting() -> bool:
         gates = await app.gates.list_async("waiting")
-        return len(urls) >= count and len(gates) == 1
+        if len(urls) < count or len(gates) != 1:
+            return False
+        return (await app.get_run_async(gates[0].run_id)).state == "waiting"  # parked
 
     await eventually(waiting, timeout=20)
     return urls[-1].rsplit("/", 1)[1]
