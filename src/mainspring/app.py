@@ -40,10 +40,10 @@ from mainspring.telemetry import Telemetry
 if TYPE_CHECKING:
     from mainspring.assets.asset import AssetDef
     from mainspring.assets.catalog import Lineage, StalePartition
-    from mainspring.store.base import MaterializationRow
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.search import Page
+    from mainspring.store.base import MaterializationRow
     from mainspring.workflows.workflow import WorkflowDef
 
 P = ParamSpec("P")
