@@ -36,3 +36,12 @@ def test_assets_list_materialize_lineage_and_graph(
     listed = json.loads(invoke("assets", "list", "--format", "json"))
     assert all(a["latest"] is not None for a in listed)
     sys.modules.pop("asset_cli_app", None)
+
+
+def test_serve_refuses_to_start_without_a_secret(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ASSET_CLI_URL", db_url)
+    monkeypatch.delenv("MAINSPRING_SECRET", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--app", "asset_cli_app:app"])
+    assert result.exit_code == 1 and "MAINSPRING_SECRET" in result.output

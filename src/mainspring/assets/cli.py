@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mainspring.app import App
+from mainspring.errors import MainspringError
 
 if TYPE_CHECKING:
     from mainspring.cli import Ctx
@@ -187,7 +188,10 @@ def serve(app_spec: str, host: str, port: int) -> None:
     from mainspring.assets.http import serve as run_server
     from mainspring.cli import load_app
 
-    secret()  # fail now, with the message, when MAINSPRING_SECRET is missing
+    try:
+        secret()  # fail now, with the message, when MAINSPRING_SECRET is missing
+    except MainspringError as exc:
+        raise click.ClickException(str(exc)) from exc
     run_server(load_app(app_spec), host, port)
 
 
