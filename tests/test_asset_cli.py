@@ -33,6 +33,7 @@ def test_assets_list_materialize_lineage_and_graph(
     assert "total  " in invoke("assets", "lineage", "total")
     lineage = json.loads(invoke("assets", "lineage", "total", "--format", "json"))
     assert len(lineage["nodes"]) == 3
+    assert "  squared" in invoke("assets", "lineage", "numbers", "--downstream")
     listed = json.loads(invoke("assets", "list", "--format", "json"))
     assert all(a["latest"] is not None for a in listed)
     sys.modules.pop("asset_cli_app", None)

@@ -151,11 +151,14 @@ async def _follow(app: App, plan_id: str, timeout: float | None) -> Any:
 @click.argument("name")
 @click.option("--partition")
 @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "json"]), default="text")
+@click.option("--downstream", is_flag=True, help="What was built from it, instead.")
 @pass_ctx
-def assets_lineage(ctx: Ctx, name: str, partition: str | None, fmt: str) -> None:
-    """What the latest materialization of NAME was built from."""
+def assets_lineage(ctx: Ctx, name: str, partition: str | None, fmt: str, downstream: bool) -> None:
+    """What the latest materialization of NAME was built from (or, with --downstream, what
+    was built from it)."""
     _app(ctx)
-    lineage = ctx.run(lambda app: app.assets.lineage_async(name, partition))
+    direction = "downstream" if downstream else "upstream"
+    lineage = ctx.run(lambda app: app.assets.lineage_async(name, partition, direction=direction))
     if fmt == "json":
         click.echo(
             _json(

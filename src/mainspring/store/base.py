@@ -441,8 +441,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_materialization(self, m: MaterializationRow) -> None:
-        """Write a finished materialization; an upsert by id, so a step executed again
-        after a crash rewrites its own row (and clears an invalidation) instead of adding one."""
+        """Write a finished materialization and its lineage edges atomically; an upsert by id,
+        so a step executed again after a crash rewrites its own row (and clears an
+        invalidation) instead of adding one."""
 
     @abc.abstractmethod
     async def latest_materializations(
@@ -460,6 +461,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
         """The materializations that exist among these ids."""
+
+    @abc.abstractmethod
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        """The materializations built (directly) from any of these."""
 
     @abc.abstractmethod
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:

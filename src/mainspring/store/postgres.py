@@ -690,6 +690,10 @@ class PostgresStore(Store):
         rows = await self.pool.fetch(Q["get_materializations"], list(ids))
         return [materialization_from_row(r, _same) for r in rows]
 
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        rows = await self.pool.fetch(Q["downstream_materializations"], list(ids))
+        return [materialization_from_row(r, _same) for r in rows]
+
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
         status = await self.pool.execute(
             Q["invalidate_materializations"], [a for a, _ in pairs], [p for _, p in pairs]

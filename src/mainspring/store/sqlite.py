@@ -675,7 +675,12 @@ class SqliteStore(Store):
             "started_at": _epoch(m.started_at), "finished_at": _epoch(m.finished_at),
             "duration_ms": m.duration_ms,
         }  # fmt: skip
-        await self._write(lambda con: con.execute(Q["record_materialization"], params))
+
+        def record(con: sqlite3.Connection) -> None:
+            con.execute(Q["record_materialization"], params)
+            con.execute(Q["record_lineage"], {"id": m.id, "upstream": params["upstream"]})
+
+        await self._write(record)
 
     async def latest_materializations(
         self, assets: Sequence[str], partitions: Sequence[str] | None = None
@@ -696,6 +701,11 @@ class SqliteStore(Store):
 
     async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
         rows = await self._call(self._fetch, "get_materializations", {"ids": _json(list(ids))})
+        return [materialization_from_row(r, _ts) for r in rows]
+
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        params = {"ids": _json(list(ids))}
+        rows = await self._call(self._fetch, "downstream_materializations", params)
         return [materialization_from_row(r, _ts) for r in rows]
 
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:

@@ -676,15 +676,21 @@ WHERE l.name = b.name
 -- == assets (mainspring.assets) ==================================================
 
 -- record_materialization --
--- Write a finished materialization; an upsert by id, so a step executed again
--- after a crash rewrites its own row instead of adding one.
-INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
-                                 metadata, error, started_at, finished_at, duration_ms)
-VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8::json, $9::json, $10, $11, $12)
-ON CONFLICT (id) DO UPDATE
-SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
-    metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
-    duration_ms = excluded.duration_ms, invalidated_at = NULL
+-- Write a finished materialization and its lineage edges; an upsert by id, so a
+-- step executed again after a crash rewrites its own row instead of adding one.
+WITH written AS (
+    INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
+                                     metadata, error, started_at, finished_at, duration_ms)
+    VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8::json, $9::json, $10, $11, $12)
+    ON CONFLICT (id) DO UPDATE
+    SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
+        metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
+        duration_ms = excluded.duration_ms, invalidated_at = NULL
+    RETURNING id
+)
+INSERT INTO ms_lineage (materialization_id, upstream_id)
+SELECT written.id, u ->> 'id' FROM written, json_array_elements($7::json) AS u
+ON CONFLICT DO NOTHING
 
 -- latest_materializations --
 -- The latest completed materialization of each (asset, partition) of assets $1
@@ -704,6 +710,11 @@ LIMIT $3
 -- get_materializations --
 -- Materializations by id.
 SELECT * FROM ms_materializations WHERE id = ANY($1)
+
+-- downstream_materializations --
+-- The materializations built from any of $1.
+SELECT m.* FROM ms_lineage l JOIN ms_materializations m ON m.id = l.materialization_id
+WHERE l.upstream_id = ANY($1)
 
 -- invalidate_materializations --
 -- Mark the latest completed materialization of each (asset $1[i], partition

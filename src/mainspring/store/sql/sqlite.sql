@@ -478,6 +478,11 @@ SET status = excluded.status, value_ref = excluded.value_ref, upstream = exclude
     metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
     duration_ms = excluded.duration_ms, invalidated_at = NULL
 
+-- record_lineage --
+-- The lineage edges of a materialization (:upstream, a JSON array of {"id": ...}).
+INSERT OR IGNORE INTO ms_lineage (materialization_id, upstream_id)
+SELECT :id, json_extract(value, '$.id') FROM json_each(:upstream)
+
 -- latest_materializations --
 -- The latest completed materialization of each (asset, partition) of assets
 -- :assets (a JSON array; partitions :partitions, or every one when NULL).
@@ -499,6 +504,11 @@ LIMIT :limit
 -- get_materializations --
 -- Materializations by id (a JSON array).
 SELECT * FROM ms_materializations WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- downstream_materializations --
+-- The materializations built from any of :ids (a JSON array).
+SELECT m.* FROM ms_lineage l JOIN ms_materializations m ON m.id = l.materialization_id
+WHERE l.upstream_id IN (SELECT value FROM json_each(:ids))
 
 -- invalidate_materializations --
 -- Mark the latest completed materialization of each pair of :pairs (a JSON
