@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 import orjson
@@ -157,7 +157,7 @@ def assets_lineage(ctx: Ctx, name: str, partition: str | None, fmt: str, downstr
     """What the latest materialization of NAME was built from (or, with --downstream, what
     was built from it)."""
     _app(ctx)
-    direction = "downstream" if downstream else "upstream"
+    direction: Literal["upstream", "downstream"] = "downstream" if downstream else "upstream"
     lineage = ctx.run(lambda app: app.assets.lineage_async(name, partition, direction=direction))
     if fmt == "json":
         click.echo(
