@@ -71,6 +71,7 @@ async def run(url: str) -> dict[str, Any]:
     app = build(url)
     server = uvicorn.Server(uvicorn.Config(gate_app(app), host="127.0.0.1", port=port,
                                            log_level="warning"))  # fmt: skip
+    await app.store()  # create the database before the worker opens it too
     serving = asyncio.create_task(server.serve())
     worker = asyncio.create_task(
         app.run_worker_async(concurrency=10, install_signal_handlers=False)

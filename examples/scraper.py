@@ -94,6 +94,7 @@ def build(url: str, site: str) -> ms.App:
 async def run(url: str) -> dict[str, int]:
     with local_site() as site:
         app = build(url, site)
+        await app.store()  # create the database before the worker opens it too
         work = app.run_worker_async(concurrency=20, install_signal_handlers=False)
         worker = asyncio.create_task(work)
         try:

@@ -33,6 +33,16 @@ def test_assets_list_materialize_lineage_and_graph(
     assert "total  " in invoke("assets", "lineage", "total")
     lineage = json.loads(invoke("assets", "lineage", "total", "--format", "json"))
     assert len(lineage["nodes"]) == 3
+    assert "  squared" in invoke("assets", "lineage", "numbers", "--downstream")
     listed = json.loads(invoke("assets", "list", "--format", "json"))
     assert all(a["latest"] is not None for a in listed)
     sys.modules.pop("asset_cli_app", None)
+
+
+def test_serve_refuses_to_start_without_a_secret(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ASSET_CLI_URL", db_url)
+    monkeypatch.delenv("MAINSPRING_SECRET", raising=False)
+    result = CliRunner().invoke(main, ["serve", "--app", "asset_cli_app:app"])
+    assert result.exit_code == 1 and "MAINSPRING_SECRET" in result.output

@@ -12,7 +12,7 @@ import pytest
 import mainspring as ms
 from helpers import aio, eventually, running
 from mainspring.assets import GateClosed, GateExpired, InvalidToken
-from mainspring.assets.gates import sign
+from mainspring.assets.gates import sign, verify
 from mainspring.assets.http import gate_app
 
 
@@ -43,7 +43,9 @@ def approval_pipeline(app: ms.App, gate: ms.Gate) -> tuple[Any, list[str], list[
 async def parked(app: ms.App, handle: ms.RunHandle, urls: list[str], count: int = 1) -> str:
     async def waiting() -> bool:
         gates = await app.gates.list_async("waiting")
-        return len(urls) >= count and len(gates) == 1
+        if len(urls) < count or len(gates) != 1:
+            return False
+        return (await app.get_run_async(gates[0].run_id)).state == "waiting"  # parked
 
     await eventually(waiting, timeout=20)
     return urls[-1].rsplit("/", 1)[1]
@@ -63,15 +65,18 @@ async def test_a_gate_parks_the_asset_and_its_signal_resumes_it_once(app: ms.App
         assert len(compute) == 1 and compute[0].lease_owner is None  # holding nothing
 
         # forged and expired tokens change nothing
-        gate_id, expiry, signature = token.split(".")
+        run_id, rnd, expiry, signature = token.split(".")
+        gate_id = verify(token).gate_id
         with pytest.raises(InvalidToken):
-            await app.gates.signal_async(f"{gate_id}.{expiry}.{signature[:-2]}xx", {"ok": True})
+            await app.gates.signal_async(f"{run_id}.{rnd}.{expiry}.{signature[:-2]}xx", True)
         with pytest.raises(InvalidToken):
-            await app.gates.signal_async(f"{gate_id}.{int(expiry) + 99}.{signature}", True)
+            await app.gates.signal_async(f"{run_id}.{rnd}.{int(expiry) + 99}.{signature}", True)
+        with pytest.raises(InvalidToken):
+            await app.gates.signal_async(f"{run_id}.1.{expiry}.{signature}", True)  # other round
         with pytest.raises(InvalidToken, match="malformed"):
             await app.gates.signal_async("garbage", True)
         with pytest.raises(GateExpired):
-            await app.gates.signal_async(sign(gate_id, time.time() - 1), True)
+            await app.gates.signal_async(sign(run_id, 0, time.time() - 1), True)
         assert (await app.gates.get_async(gate_id)).status == "waiting"
 
         # a good token delivered twice at the same moment: one resume
@@ -167,7 +172,22 @@ async def test_the_sweeper_cancels_gates_of_finished_runs(app: ms.App) -> None:
         await app.gates.signal_async(token, True)
 
 
+@aio
+async def test_a_signal_that_comes_before_the_asset_parks_is_kept(app: ms.App) -> None:
+    @app.asset(gate=ms.Gate(timeout=600))
+    async def quick(ctx: ms.AssetContext) -> Any:
+        if not ctx.gate.resumed:  # the reviewer answers before the asset has parked
+            await ctx.app.gates.signal_async(ctx.gate.token, "early")
+        return await ctx.gate.wait()
+
+    async with running(app, concurrency=10):
+        await (await app.assets.materialize_async(quick)).result_async(timeout=20)
+    assert await app.assets.value_async(quick) == "early"
+    gates = await app.gates.list_async(None)
+    assert [(g.status, g.asset) for g in gates] == [("signaled", "quick")]
+
+
 def test_gates_need_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAINSPRING_SECRET")
     with pytest.raises(ms.ConfigError, match="MAINSPRING_SECRET"):
-        sign("g", time.time() + 10)
+        sign("r", 0, time.time() + 10)

@@ -47,9 +47,10 @@ def test_500_key_scatter_survives_a_sigkill_with_each_key_committed_once(
         wait_until(lambda: len([n for n in client.nodes() if n.alive]) >= 3, 30,
                    "three worker nodes", procs)  # fmt: skip
         handle = client.materialize("index")
-        # kill w0 once instances are flowing and it is running some of them
+        # once instances are flowing, kill the busiest node (it is running some of them)
         wait_until(lambda: len(procs.records("start")) >= 100, 60, "instances to start", procs)
-        victim = procs.procs["w0"]
+        busiest = Counter(r["pid"] for r in procs.records("start")).most_common(1)[0][0]
+        victim = next(p for p in procs.procs.values() if p.pid == busiest)
         killed_at = time.time()
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait(timeout=10)
@@ -72,7 +73,6 @@ def test_500_key_scatter_survives_a_sigkill_with_each_key_committed_once(
         assert most_at_once(spans) <= MAX_CONCURRENT
         killed_runs = [k for k in starts if k not in ends]
         assert all(k[1] == victim.pid for k in killed_runs)  # only the victim left work undone
-        pids = {r.output["r"]["pid"] for r in completed}
-        assert len(pids) >= 2  # the work was spread over the nodes
+        assert any(r.output["r"]["pid"] != victim.pid for r in completed)  # others took over
     finally:
         client.close()

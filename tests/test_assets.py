@@ -97,6 +97,9 @@ async def test_materialize_builds_missing_upstream_in_order_with_lineage(app: ms
     assert lineage.to_mermaid().startswith("graph BT")
     raw_id = (await app.assets.latest_async(raw, "2026-11-01")).id
     assert history[0].upstream == [{"asset": "raw_orders", "partition": "2026-11-01", "id": raw_id}]
+    built = await app.assets.lineage_async(raw, "2026-11-01", direction="downstream")
+    assert [m.asset for m in built.nodes.values()] == ["raw_orders", "clean_orders", "summary"]
+    assert built.to_text().splitlines()[2].startswith("    summary[2026-11-01]")
 
 
 @aio

@@ -31,7 +31,7 @@ def hammer(db_url: str, tmp_path: Path, mode: str, seconds: float) -> list[dict[
         for i in range(3):
             procs.spawn(f"p{i}", env)
         for proc in procs.procs.values():
-            assert proc.wait(timeout=60) == 0, procs.logs()
+            assert proc.wait(timeout=120) == 0, procs.logs()
         return procs.records()
 
 

@@ -40,11 +40,13 @@ from mainspring.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from mainspring.assets.asset import AssetDef
+    from mainspring.assets.catalog import Lineage, StalePartition
     from mainspring.cluster import KV, Cluster, Groups, Hub, Registry
     from mainspring.cluster.process import Process
     from mainspring.engine.worker import Worker
     from mainspring.machines.machine import Machine, MachineDef
     from mainspring.search import Page
+    from mainspring.store.base import MaterializationRow
     from mainspring.workflows.workflow import WorkflowDef
 
 P = ParamSpec("P")
@@ -669,15 +671,17 @@ class App:
         """Build an asset partition after its stale or missing upstream; the plan's handle."""
         return self.assets.materialize(asset, partition, **options)
 
-    def materializations(self, asset: Any, partition: str | None = None, **options: Any) -> Any:
+    def materializations(
+        self, asset: Any, partition: str | None = None, **options: Any
+    ) -> list[MaterializationRow]:
         """An asset's materialization history, newest first."""
         return self.assets.materializations(asset, partition, **options)
 
-    def lineage(self, asset: Any, partition: str | None = None, **options: Any) -> Any:
-        """The materializations a value was built from (ms.assets.Lineage)."""
+    def lineage(self, asset: Any, partition: str | None = None, **options: Any) -> Lineage:
+        """The materializations a value was built from, recursively."""
         return self.assets.lineage(asset, partition, **options)
 
-    def stale(self, asset: Any) -> Any:
+    def stale(self, asset: Any) -> list[StalePartition]:
         """The partitions of an asset that are missing or older than their upstream."""
         return self.assets.stale(asset)
 

@@ -49,15 +49,20 @@ class Lineage:
     def upstream(self, materialization_id: str) -> list[MaterializationRow]:
         return [self.nodes[u] for d, u in self.edges if d == materialization_id and u in self.nodes]
 
+    def downstream(self, materialization_id: str) -> list[MaterializationRow]:
+        return [self.nodes[d] for d, u in self.edges if u == materialization_id and d in self.nodes]
+
     def to_text(self) -> str:
+        """An indented tree from the root (upstream or downstream, whichever it holds)."""
         lines: list[str] = []
+        below = self.upstream if any(d == self.root.id for d, _ in self.edges) else self.downstream
 
         def walk(node: MaterializationRow, depth: int) -> None:
             part = f"[{node.partition}]" if node.partition else ""
             when = node.finished_at.strftime("%Y-%m-%d %H:%M:%S")
             lines.append(f"{'  ' * depth}{node.asset}{part}  {node.id}  {node.status}  {when}")
-            for up in self.upstream(node.id):
-                walk(up, depth + 1)
+            for nxt in below(node.id):
+                walk(nxt, depth + 1)
 
         walk(self.root, 0)
         return "\n".join(lines)
@@ -463,10 +468,17 @@ class Assets:
         return await self.load(await self.latest_async(asset, partition))
 
     async def lineage_async(
-        self, asset: Any, partition: str | None = None, *, materialization: str | None = None
+        self,
+        asset: Any,
+        partition: str | None = None,
+        *,
+        materialization: str | None = None,
+        direction: Literal["upstream", "downstream"] = "upstream",
     ) -> Lineage:
-        """What a value was built from: the latest materialization (or the given one) and
-        every upstream materialization it used, recursively."""
+        """What a value was built from (upstream: every materialization it used,
+        recursively), or what was built from it (downstream). The root is the latest
+        materialization of the asset partition, or the one given. Edges are always
+        (downstream id, upstream id)."""
         store = await self.app.store()
         if materialization is not None:
             found = await store.get_materializations([materialization])
@@ -475,13 +487,22 @@ class Assets:
             root = found[0]
         else:
             root = await self.latest_async(asset, partition)
+        if direction not in ("upstream", "downstream"):
+            raise ConfigError(f"direction is 'upstream' or 'downstream', got {direction!r}")
         lineage = Lineage(root, {root.id: root})
         frontier = [root]
         while frontier:
-            wanted = {u["id"] for m in frontier for u in m.upstream} - set(lineage.nodes)
-            for m in frontier:
-                lineage.edges.extend((m.id, u["id"]) for u in m.upstream)
-            rows = await store.get_materializations(sorted(wanted)) if wanted else []
+            if direction == "upstream":
+                wanted = {u["id"] for m in frontier for u in m.upstream} - set(lineage.nodes)
+                for m in frontier:
+                    lineage.edges.extend((m.id, u["id"]) for u in m.upstream)
+                rows = await store.get_materializations(sorted(wanted)) if wanted else []
+            else:
+                ids = {m.id for m in frontier}
+                built = await store.downstream_materializations(sorted(ids))
+                for row in built:
+                    lineage.edges.extend((row.id, u["id"]) for u in row.upstream if u["id"] in ids)
+                rows = [r for r in built if r.id not in lineage.nodes]
             for row in rows:
                 lineage.nodes[row.id] = row
             frontier = rows
@@ -577,9 +598,8 @@ class Assets:
     def value(self, asset: Any, partition: str | None = None) -> Any:
         return self.app._sync(self.value_async(asset, partition))
 
-    def lineage(self, asset: Any, partition: str | None = None, *,
-                materialization: str | None = None) -> Lineage:  # fmt: skip
-        return self.app._sync(self.lineage_async(asset, partition, materialization=materialization))
+    def lineage(self, asset: Any, partition: str | None = None, **options: Any) -> Lineage:
+        return self.app._sync(self.lineage_async(asset, partition, **options))
 
     def stale(self, asset: Any) -> list[StalePartition]:
         return self.app._sync(self.stale_async(asset))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 import orjson
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mainspring.app import App
+from mainspring.errors import MainspringError
 
 if TYPE_CHECKING:
     from mainspring.cli import Ctx
@@ -150,11 +151,14 @@ async def _follow(app: App, plan_id: str, timeout: float | None) -> Any:
 @click.argument("name")
 @click.option("--partition")
 @click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "json"]), default="text")
+@click.option("--downstream", is_flag=True, help="What was built from it, instead.")
 @pass_ctx
-def assets_lineage(ctx: Ctx, name: str, partition: str | None, fmt: str) -> None:
-    """What the latest materialization of NAME was built from."""
+def assets_lineage(ctx: Ctx, name: str, partition: str | None, fmt: str, downstream: bool) -> None:
+    """What the latest materialization of NAME was built from (or, with --downstream, what
+    was built from it)."""
     _app(ctx)
-    lineage = ctx.run(lambda app: app.assets.lineage_async(name, partition))
+    direction: Literal["upstream", "downstream"] = "downstream" if downstream else "upstream"
+    lineage = ctx.run(lambda app: app.assets.lineage_async(name, partition, direction=direction))
     if fmt == "json":
         click.echo(
             _json(
@@ -187,7 +191,10 @@ def serve(app_spec: str, host: str, port: int) -> None:
     from mainspring.assets.http import serve as run_server
     from mainspring.cli import load_app
 
-    secret()  # fail now, with the message, when MAINSPRING_SECRET is missing
+    try:
+        secret()  # fail now, with the message, when MAINSPRING_SECRET is missing
+    except MainspringError as exc:
+        raise click.ClickException(str(exc)) from exc
     run_server(load_app(app_spec), host, port)
 
 

@@ -14,10 +14,12 @@ the top and `wait()` returns the payload at once: code before `wait()` runs
 once per suspension and once on resume, so keep it idempotent (a
 notification keyed by `ctx.gate.id`).
 
-Tokens are `<gate id>.<expiry unix seconds>.<HMAC-SHA256>` signed with
-$MAINSPRING_SECRET; signature and expiry are checked in constant time, and
-the gate goes from waiting to signaled in the same transaction as the signal
-enters the run's inbox, so a gate resumes its asset exactly once.
+Tokens are `<run id>.<round>.<expiry unix seconds>.<HMAC-SHA256>` signed
+with $MAINSPRING_SECRET; signature and expiry are checked in constant time,
+and the gate goes from waiting to signaled in the same transaction as the
+signal enters the run's inbox, so a gate resumes its asset exactly once. A
+signal that arrives before the asset has parked (it handed out its URL a
+moment earlier) is kept in the inbox, and the park sees it.
 """
 
 from __future__ import annotations
@@ -133,39 +135,53 @@ def _signature(key: bytes, body: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def sign(gate: str, expires_at: float) -> str:
-    """A token for a gate: `<id>.<expiry>.<signature>`."""
-    body = f"{gate}.{int(expires_at)}"
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What a verified token says: the run waiting, the gate's round and its expiry."""
+
+    run_id: str
+    round: int
+    expires_at: float
+
+    @property
+    def gate_id(self) -> str:
+        return gate_id(self.run_id, self.round)
+
+
+def sign(run_id: str, round: int, expires_at: float) -> str:
+    """A token for a run's gate in a round: `<run id>.<round>.<expiry>.<signature>`."""
+    body = f"{run_id}.{round}.{int(expires_at)}"
     return f"{body}.{_signature(secret(), body)}"
 
 
-def verify(token: str, now: float | None = None) -> str:
-    """The gate id of a well-signed, unexpired token; InvalidToken or GateExpired otherwise."""
+def verify(token: str, now: float | None = None) -> Ticket:
+    """What a well-signed, unexpired token says; InvalidToken or GateExpired otherwise."""
     parts = token.split(".") if isinstance(token, str) else []
-    if len(parts) != 3 or not parts[1].isdigit():
-        raise InvalidToken("malformed gate token: expected <gate id>.<expiry>.<signature>")
-    gate, expiry, signature = parts
-    expected = _signature(secret(), f"{gate}.{expiry}")
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise InvalidToken("malformed gate token: expected <run id>.<round>.<expiry>.<signature>")
+    run_id, round, expiry, signature = parts
+    expected = _signature(secret(), f"{run_id}.{round}.{expiry}")
     if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise InvalidToken("invalid gate token: its signature does not match")
     if (now if now is not None else time.time()) >= int(expiry):
         raise GateExpired(f"gate token expired at {datetime.fromtimestamp(int(expiry), UTC)}")
-    return gate
+    return Ticket(run_id, int(round), float(expiry))
 
 
 class GateHandle:
     """What an asset with a gate sees as `ctx.gate`."""
 
-    def __init__(self, id: str, expires_at: float, round: int, inbox: Signals) -> None:
-        self.id = id
-        self.expires_at = expires_at
+    def __init__(self, run_id: str, round: int, expires_at: float, inbox: Signals) -> None:
+        self.run_id = run_id
+        self.id = gate_id(run_id, round)
         self.round = round
+        self.expires_at = expires_at
         self._inbox = inbox
 
     @property
     def token(self) -> str:
         """The signed token to hand to whoever decides (valid until the gate's expiry)."""
-        return sign(self.id, self.expires_at)
+        return sign(self.run_id, self.round, self.expires_at)
 
     @property
     def url(self) -> str:
@@ -209,16 +225,21 @@ class Gates:
         or GateClosed (already signaled or cancelled, 409); nothing changes then.
         """
         try:
-            gate = verify(token)
+            ticket = verify(token)
         except GateError as exc:
             self.app.telemetry.emit("gate.signal", gate_id=None, accepted=False, reason=str(exc))
             raise
+        gate = ticket.gate_id
         try:
             data = payload.dumps(payload_value)
         except EncodeError as exc:
             raise EncodeError(f"a gate payload must be JSON encodable: {exc}") from None
         store = await self.app.store()
-        result, row = await store.signal_gate(gate, uuid7(), data)
+        expires = datetime.fromtimestamp(ticket.expires_at, UTC)
+        # The token proves the gate was issued: a signal that beats the gate's row (the
+        # asset handed out its URL and has not parked yet) opens the gate and is kept.
+        issued = GateRow(gate, ticket.run_id, "", "", "waiting", expires, ticket.round)
+        result, row = await store.signal_gate(issued, uuid7(), data)
         self.app.telemetry.emit("gate.signal", gate_id=gate, accepted=result == "resumed",
                                 reason=result)  # fmt: skip
         if result == "resumed" and row is not None:

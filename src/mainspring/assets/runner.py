@@ -336,7 +336,7 @@ class Step:
         if expires is None:
             expires = time.time() + self.asset.gate.wait_for(round)
             self.state["gate_expires"] = expires
-        return GateHandle(gate_id(self.ctx.run_id, round), expires, round, self.ctx.inbox)
+        return GateHandle(self.ctx.run_id, round, expires, self.ctx.inbox)
 
     async def suspend(self, gate: GateHandle) -> Any:
         store = await self.app.store()

@@ -148,6 +148,7 @@ class Worker:
         self._notifications: set[asyncio.Future[None]] = set()
         self._known_elsewhere: tuple[float, set[str]] = (0.0, set())
         self._later: asyncio.TimerHandle | None = None
+        self._limited = {q for q, c in app.queues.items() if c.global_limit}  # cluster-wide caps
         self._machines: MachineRunner | None = None
         self._workflows: WorkflowRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -630,6 +631,8 @@ class Worker:
                 self._timer_wake.set()  # a retry or an await timeout to schedule
             if outcome.state == AVAILABLE and run and outcome.step is None:
                 released.add(run.queue)
+            elif run and run.queue in self._limited:
+                released.add(run.queue)  # a slot of a globally limited queue is free: wake claims
             if outcome.extra:
                 if "released" in outcome.extra:
                     released.add(outcome.extra["released"])

@@ -483,8 +483,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_materialization(self, m: MaterializationRow) -> None:
-        """Write a finished materialization; an upsert by id, so a step executed again
-        after a crash rewrites its own row (and clears an invalidation) instead of adding one."""
+        """Write a finished materialization and its lineage edges atomically; an upsert by id,
+        so a step executed again after a crash rewrites its own row (and clears an
+        invalidation) instead of adding one."""
 
     @abc.abstractmethod
     async def latest_materializations(
@@ -502,6 +503,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
         """The materializations that exist among these ids."""
+
+    @abc.abstractmethod
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        """The materializations built (directly) from any of these."""
 
     @abc.abstractmethod
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
@@ -554,16 +559,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_gate(self, gate: GateRow) -> None:
-        """Open a gate (an upsert: reopening a waiting gate moves its expiry)."""
+        """Open a gate, or name the asset of one a signal opened first (an upsert: a waiting
+        gate takes the new expiry; a resolved one keeps its status)."""
 
     @abc.abstractmethod
     async def signal_gate(
-        self, gate_id: str, signal_id: str, payload_json: str
+        self, gate: GateRow, signal_id: str, payload_json: str
     ) -> tuple[str, GateRow | None]:
-        """Resolve a waiting, unexpired gate and put signal "gate" (dedup key = the gate id)
-        in its run's inbox, in one transaction: exactly one caller gets 'resumed'; the
-        others get the gate's status ('signaled', 'timeout', 'cancelled', 'expired') or
-        'not_found', and nothing changes. A gate whose run has finished is cancelled."""
+        """Resolve a gate and put signal "gate" (dedup key = the gate id) in its run's inbox,
+        in one transaction. `gate` is the gate as its token describes it: a gate whose row
+        does not exist yet is opened first (the run has not parked yet: the signal waits in
+        its inbox). Exactly one caller gets 'resumed'; the others get the gate's status
+        ('signaled', 'timeout', 'cancelled', 'expired') and nothing changes. A gate whose
+        run has finished or is gone is cancelled."""
 
     @abc.abstractmethod
     async def get_gate(self, gate_id: str) -> GateRow | None:

@@ -772,6 +772,10 @@ class PostgresStore(Store):
         rows = await self.pool.fetch(Q["get_materializations"], list(ids))
         return [materialization_from_row(r, _same) for r in rows]
 
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        rows = await self.pool.fetch(Q["downstream_materializations"], list(ids))
+        return [materialization_from_row(r, _same) for r in rows]
+
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
         status = await self.pool.execute(
             Q["invalidate_materializations"], [a for a, _ in pairs], [p for _, p in pairs]
@@ -843,27 +847,28 @@ class PostgresStore(Store):
         )  # fmt: skip
 
     async def signal_gate(
-        self, gate_id: str, signal_id: str, payload_json: str
+        self, gate: GateRow, signal_id: str, payload_json: str
     ) -> tuple[str, GateRow | None]:
         queue = None
         async with self.pool.acquire() as con, con.transaction():
-            run_id = await con.fetchval(Q["signal_gate"], gate_id, payload_json)
+            await con.execute(Q["open_gate"], gate.id, gate.run_id, gate.expires_at, gate.round)
+            run_id = await con.fetchval(Q["signal_gate"], gate.id, payload_json)
             if run_id is not None:
                 row = await con.fetchrow(
-                    Q["send_signal"], run_id, signal_id, "gate", payload_json, gate_id, None
+                    Q["send_signal"], run_id, signal_id, "gate", payload_json, gate.id, None
                 )
-                if row["old_state"] in TERMINAL:
-                    await con.execute(Q["cancel_gate"], gate_id)
+                if row["run_id"] is None or row["old_state"] in TERMINAL:
+                    await con.execute(Q["cancel_gate"], gate.id)
                     run_id = None
                 queue = row["queue"] if row["new_state"] == AVAILABLE else None
         if queue is not None:
             await self.notify(queue)
-        gate = await self.get_gate(gate_id)
+        found = await self.get_gate(gate.id)
         if run_id is not None:
-            return "resumed", gate
-        if gate is None:
+            return "resumed", found
+        if found is None:
             return "not_found", None
-        return ("expired" if gate.status == "waiting" else gate.status), gate
+        return ("expired" if found.status == "waiting" else found.status), found
 
     async def get_gate(self, gate_id: str) -> GateRow | None:
         row = await self.pool.fetchrow(Q["get_gate"], gate_id)

@@ -697,7 +697,12 @@ class SqliteStore(Store):
             "started_at": _epoch(m.started_at), "finished_at": _epoch(m.finished_at),
             "duration_ms": m.duration_ms,
         }  # fmt: skip
-        await self._write(lambda con: con.execute(Q["record_materialization"], params))
+
+        def record(con: sqlite3.Connection) -> None:
+            con.execute(Q["record_materialization"], params)
+            con.execute(Q["record_lineage"], {"id": m.id, "upstream": params["upstream"]})
+
+        await self._write(record)
 
     async def latest_materializations(
         self, assets: Sequence[str], partitions: Sequence[str] | None = None
@@ -718,6 +723,11 @@ class SqliteStore(Store):
 
     async def get_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
         rows = await self._call(self._fetch, "get_materializations", {"ids": _json(list(ids))})
+        return [materialization_from_row(r, _ts) for r in rows]
+
+    async def downstream_materializations(self, ids: Sequence[str]) -> list[MaterializationRow]:
+        params = {"ids": _json(list(ids))}
+        rows = await self._call(self._fetch, "downstream_materializations", params)
         return [materialization_from_row(r, _ts) for r in rows]
 
     async def invalidate_materializations(self, pairs: Sequence[tuple[str, str | None]]) -> int:
@@ -823,30 +833,33 @@ class SqliteStore(Store):
         await self._write(lambda con: con.execute(Q["create_gate"], params))
 
     async def signal_gate(
-        self, gate_id: str, signal_id: str, payload_json: str
+        self, gate: GateRow, signal_id: str, payload_json: str
     ) -> tuple[str, GateRow | None]:
         def resolve(con: sqlite3.Connection) -> tuple[bool, str | None]:
             now = time.time()
-            params = {"id": gate_id, "payload": payload_json, "now": now}
+            opened = {"id": gate.id, "run_id": gate.run_id, "round": gate.round,
+                      "expires_at": _epoch(gate.expires_at), "now": now}  # fmt: skip
+            con.execute(Q["open_gate"], opened)
+            params = {"id": gate.id, "payload": payload_json, "now": now}
             row = con.execute(Q["signal_gate"], params).fetchone()
             if row is None:
                 return False, None
-            signal = (signal_id, "gate", payload_json, gate_id)
+            signal = (signal_id, "gate", payload_json, gate.id)
             delivery, queue = _deliver(con, now, row["run_id"], None, *signal)
-            if delivery.result == "terminal":
-                con.execute(Q["cancel_gate"], {"id": gate_id})
+            if delivery.result in ("terminal", "not_found"):
+                con.execute(Q["cancel_gate"], {"id": gate.id})
                 return False, None
             return True, queue
 
         signaled, queue = await self._write(resolve)
         if queue is not None:
             await self.notify(queue)
-        gate = await self.get_gate(gate_id)
+        found = await self.get_gate(gate.id)
         if signaled:
-            return "resumed", gate
-        if gate is None:
+            return "resumed", found
+        if found is None:
             return "not_found", None
-        return ("expired" if gate.status == "waiting" else gate.status), gate
+        return ("expired" if found.status == "waiting" else found.status), found
 
     async def get_gate(self, gate_id: str) -> GateRow | None:
         rows = await self._call(self._fetch, "get_gate", {"id": gate_id})

@@ -720,15 +720,21 @@ WHERE l.name = b.name
 -- == assets (mainspring.assets) ==================================================
 
 -- record_materialization --
--- Write a finished materialization; an upsert by id, so a step executed again
--- after a crash rewrites its own row instead of adding one.
-INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
-                                 metadata, error, started_at, finished_at, duration_ms)
-VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8::json, $9::json, $10, $11, $12)
-ON CONFLICT (id) DO UPDATE
-SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
-    metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
-    duration_ms = excluded.duration_ms, invalidated_at = NULL
+-- Write a finished materialization and its lineage edges; an upsert by id, so a
+-- step executed again after a crash rewrites its own row instead of adding one.
+WITH written AS (
+    INSERT INTO ms_materializations (id, asset, partition, run_id, status, value_ref, upstream,
+                                     metadata, error, started_at, finished_at, duration_ms)
+    VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8::json, $9::json, $10, $11, $12)
+    ON CONFLICT (id) DO UPDATE
+    SET status = excluded.status, value_ref = excluded.value_ref, upstream = excluded.upstream,
+        metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
+        duration_ms = excluded.duration_ms, invalidated_at = NULL
+    RETURNING id
+)
+INSERT INTO ms_lineage (materialization_id, upstream_id)
+SELECT written.id, u ->> 'id' FROM written, json_array_elements($7::json) AS u
+ON CONFLICT DO NOTHING
 
 -- latest_materializations --
 -- The latest completed materialization of each (asset, partition) of assets $1
@@ -748,6 +754,11 @@ LIMIT $3
 -- get_materializations --
 -- Materializations by id.
 SELECT * FROM ms_materializations WHERE id = ANY($1)
+
+-- downstream_materializations --
+-- The materializations built from any of $1.
+SELECT m.* FROM ms_lineage l JOIN ms_materializations m ON m.id = l.materialization_id
+WHERE l.upstream_id = ANY($1)
 
 -- invalidate_materializations --
 -- Mark the latest completed materialization of each (asset $1[i], partition
@@ -841,12 +852,21 @@ SELECT parent_id, state, count(*) AS n FROM ms_runs WHERE parent_id = ANY($1)
 GROUP BY parent_id, state
 
 -- create_gate --
--- Open gate $1 for run $2 (an upsert: a step executed again reopens the same
--- gate with its new expiry; a gate already signaled stays signaled).
+-- Open gate $1 for run $2, asset $3, partition $4 (an upsert: a step executed
+-- again moves a waiting gate's expiry; a gate a signal opened first gets its
+-- asset and keeps its status).
 INSERT INTO ms_gates AS g (id, run_id, asset, partition, status, expires_at, round)
 VALUES ($1, $2, $3, $4, 'waiting', $5, $6)
-ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
-WHERE g.status = 'waiting'
+ON CONFLICT (id) DO UPDATE
+SET asset = excluded.asset, partition = excluded.partition,
+    expires_at = CASE WHEN g.status = 'waiting' THEN excluded.expires_at ELSE g.expires_at END
+
+-- open_gate --
+-- Open gate $1 of run $2 as its token describes it ($3 expiry, $4 round) unless
+-- it exists: a signal may come before the asset has parked.
+INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round)
+VALUES ($1, $2, '', '', 'waiting', $3, $4)
+ON CONFLICT (id) DO NOTHING
 
 -- signal_gate --
 -- Gate $1 goes from waiting to signaled with payload $2 when it has not

@@ -509,6 +509,11 @@ SET status = excluded.status, value_ref = excluded.value_ref, upstream = exclude
     metadata = excluded.metadata, error = excluded.error, finished_at = excluded.finished_at,
     duration_ms = excluded.duration_ms, invalidated_at = NULL
 
+-- record_lineage --
+-- The lineage edges of a materialization (:upstream, a JSON array of {"id": ...}).
+INSERT OR IGNORE INTO ms_lineage (materialization_id, upstream_id)
+SELECT :id, json_extract(value, '$.id') FROM json_each(:upstream)
+
 -- latest_materializations --
 -- The latest completed materialization of each (asset, partition) of assets
 -- :assets (a JSON array; partitions :partitions, or every one when NULL).
@@ -530,6 +535,11 @@ LIMIT :limit
 -- get_materializations --
 -- Materializations by id (a JSON array).
 SELECT * FROM ms_materializations WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- downstream_materializations --
+-- The materializations built from any of :ids (a JSON array).
+SELECT m.* FROM ms_lineage l JOIN ms_materializations m ON m.id = l.materialization_id
+WHERE l.upstream_id IN (SELECT value FROM json_each(:ids))
 
 -- invalidate_materializations --
 -- Mark the latest completed materialization of each pair of :pairs (a JSON
@@ -618,12 +628,20 @@ WHERE parent_id IN (SELECT value FROM json_each(:ids))
 GROUP BY parent_id, state
 
 -- create_gate --
--- Open a gate (an upsert: a step executed again reopens it with its new
--- expiry; a gate already signaled stays signaled).
+-- Open a gate (an upsert: a step executed again moves a waiting gate's expiry;
+-- a gate a signal opened first gets its asset and keeps its status).
 INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round, created_at)
 VALUES (:id, :run_id, :asset, :partition, 'waiting', :expires_at, :round, :now)
-ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
-WHERE ms_gates.status = 'waiting'
+ON CONFLICT (id) DO UPDATE
+SET asset = excluded.asset, partition = excluded.partition,
+    expires_at = CASE WHEN status = 'waiting' THEN excluded.expires_at ELSE expires_at END
+
+-- open_gate --
+-- Open a gate as its token describes it unless it exists: a signal may come
+-- before the asset has parked.
+INSERT INTO ms_gates (id, run_id, asset, partition, status, expires_at, round, created_at)
+VALUES (:id, :run_id, '', '', 'waiting', :expires_at, :round, :now)
+ON CONFLICT (id) DO NOTHING
 
 -- signal_gate --
 -- A waiting, unexpired gate becomes signaled with :payload; returns its run.

@@ -21,6 +21,14 @@ CREATE TABLE ms_materializations (
 );
 CREATE INDEX ms_materializations_latest ON ms_materializations (asset, partition, finished_at DESC);
 
+-- Lineage edges, for "what was built from this": materialization -> an upstream one.
+CREATE TABLE ms_lineage (
+    materialization_id text NOT NULL,
+    upstream_id        text NOT NULL,
+    PRIMARY KEY (materialization_id, upstream_id)
+);
+CREATE INDEX ms_lineage_upstream ON ms_lineage (upstream_id);
+
 -- Values DbIO keeps out of line (large ones, zlib-compressed when it pays).
 CREATE TABLE ms_asset_values (
     key        text PRIMARY KEY,
