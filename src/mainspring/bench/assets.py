@@ -21,7 +21,6 @@ Measurement
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from mainspring.bench.jobs import (
     _Probe,
     _rate,
 )
+from mainspring.bench.report import host_line, render_checks
 from mainspring.bench.worker import spawn, worker_main
 from mainspring.ids import uuid7
 from mainspring.store.base import MaterializationRow
@@ -203,27 +203,13 @@ def render(result: AssetsBenchResult, fmt: str = "table") -> str:
     """The result as a rich table (plain text), or as JSON when fmt == "json"."""
     if fmt == "json":
         return json.dumps(result.to_dict(), indent=2, default=str)
-    from rich.console import Console
-    from rich.table import Table
-
-    r, h = result, result.host
-    table = Table("metric", "mainspring", "target", "")
-    for c in r.checks():
-        table.add_row(c.metric, c.mainspring, c.target,
-                      "" if c.passed is None else ("✓ pass" if c.passed else "✗ FAIL"))  # fmt: skip
-    out = io.StringIO()
-    console = Console(file=out, width=200, force_terminal=False, color_system=None)
-    console.print(f"mainspring bench assets: {r.backend}", highlight=False)
-    console.print(table)
-    console.print(
+    r = result
+    summary = (
         f"{r.completed:,} instances completed, {r.gathered:,} gathered; first claim to last "
         f"commit {r.elapsed_s or 0:.2f} s, materialize to result {r.end_to_end_s or 0:.2f} s; "
-        f"{h.get('cpu_count')} CPUs, {h.get('python')}, {h.get('db_version')}; load "
-        f"{h.get('load_average_at_start')}; revision {h.get('revision')}; total "
-        f"{r.duration_s:.0f} s",
-        highlight=False,
+        f"{host_line(r.host, r.duration_s)}"
     )
-    return out.getvalue()
+    return render_checks(f"mainspring bench assets: {r.backend}", r.checks(), [summary])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
