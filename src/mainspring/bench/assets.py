@@ -113,7 +113,7 @@ def run_assets_bench(
         raise ValueError("instances, concurrency and materializations must be at least 1")
     started = time.perf_counter()
     result = AssetsBenchResult(backend, instances, concurrency, materializations=materializations)
-    result.host = _machine_info("asyncio")
+    result.host = _machine_info("auto")  # the loop worker_main runs on
     dbs = _Databases(backend, url)
     os.environ[_COUNT_ENV] = str(instances)
     try:

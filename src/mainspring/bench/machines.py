@@ -115,7 +115,7 @@ def run_machines_bench(
         raise ValueError("concurrency must be at least 1")
     started = time.perf_counter()
     result = MachinesBenchResult(backend=backend, machines=machines, concurrency=concurrency)
-    result.host = _machine_info("asyncio")
+    result.host = _machine_info("auto")  # the loop worker_main runs on
     dbs = _Databases(backend, url)
     try:
         asyncio.run(_measure(dbs, result))

@@ -196,7 +196,7 @@ def run_workflows_bench(
         workflow_cache=DEFAULT_WORKFLOW_CACHE if workflow_cache is None else workflow_cache,
         steps=steps,
     )  # fmt: skip
-    result.host = _machine_info("asyncio")
+    result.host = _machine_info("auto")  # the loop worker_main runs on
     dbs = _Databases(backend, url)
     try:
         asyncio.run(_measure(dbs, result))
