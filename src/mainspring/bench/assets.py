@@ -20,7 +20,6 @@ Measurement
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import statistics
@@ -39,12 +38,11 @@ from mainspring.bench.jobs import (
     _BenchApp,
     _Databases,
     _fmt_rate,
-    _machine_info,
     _Probe,
     _rate,
 )
 from mainspring.bench.report import host_line, render_checks
-from mainspring.bench.worker import spawn, worker_main
+from mainspring.bench.worker import run_phases, spawn, worker_main
 from mainspring.ids import uuid7
 from mainspring.store.base import MaterializationRow
 
@@ -111,17 +109,9 @@ def run_assets_bench(
     backend = _backend_name(backend)
     if instances < 1 or concurrency < 1 or materializations < 1:
         raise ValueError("instances, concurrency and materializations must be at least 1")
-    started = time.perf_counter()
     result = AssetsBenchResult(backend, instances, concurrency, materializations=materializations)
-    result.host = _machine_info("auto")  # the loop worker_main runs on
-    dbs = _Databases(backend, url)
     os.environ[_COUNT_ENV] = str(instances)
-    try:
-        asyncio.run(_measure(dbs, result))
-    finally:
-        dbs.cleanup()
-    result.duration_s = time.perf_counter() - started
-    return result
+    return run_phases(result, backend, url, lambda dbs: _measure(dbs, result))
 
 
 def _bench_app(url: str, probe: _Probe | None = None) -> App:

@@ -21,7 +21,6 @@ Measurement
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -39,12 +38,11 @@ from mainspring.bench.jobs import (
     _BenchApp,
     _Databases,
     _fmt_rate,
-    _machine_info,
     _Probe,
     _rate,
 )
 from mainspring.bench.report import host_line, render_checks
-from mainspring.bench.worker import spawn, worker_main
+from mainspring.bench.worker import run_phases, spawn, worker_main
 
 MACHINE: Final = "bench.three"
 STEPS: Final = 3  # committed step outcomes per machine: a -> b, b -> c, c -> done
@@ -113,16 +111,8 @@ def run_machines_bench(
         raise ValueError("machines must be at least 1")
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    started = time.perf_counter()
     result = MachinesBenchResult(backend=backend, machines=machines, concurrency=concurrency)
-    result.host = _machine_info("auto")  # the loop worker_main runs on
-    dbs = _Databases(backend, url)
-    try:
-        asyncio.run(_measure(dbs, result))
-    finally:
-        dbs.cleanup()
-    result.duration_s = time.perf_counter() - started
-    return result
+    return run_phases(result, backend, url, lambda dbs: _measure(dbs, result))
 
 
 def _bench_app(url: str, probe: _Probe | None = None) -> App:

@@ -8,11 +8,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 from mainspring.app import App
-from mainspring.bench.jobs import _SRC, _Child, _Probe
+from mainspring.bench.jobs import _SRC, _Child, _Databases, _machine_info, _Probe
 from mainspring.engine.loops import event_loop_factory
 
 BuildApp = Callable[[str, _Probe], App]
@@ -70,3 +70,31 @@ def worker_main(prog: str, build_app: BuildApp, argv: Sequence[str] | None = Non
         out = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(out), flush=True)
     return 0 if out.get("error") is None else 1
+
+
+class _Measured(Protocol):
+    host: dict[str, Any]
+    duration_s: float
+
+
+M = TypeVar("M", bound=_Measured)
+
+
+def run_phases(
+    result: M,
+    backend: str,
+    url: str | None,
+    *phases: Callable[[_Databases], Coroutine[Any, Any, None]],
+) -> M:
+    """Run a model benchmark's phases (each on an event loop of its own) against the
+    benchmark's databases, dropped afterwards; record the host and the total duration."""
+    started = time.perf_counter()
+    result.host = _machine_info("auto")  # the loop worker_main runs on
+    dbs = _Databases(backend, url)
+    try:
+        for phase in phases:
+            asyncio.run(phase(dbs))
+    finally:
+        dbs.cleanup()
+    result.duration_s = time.perf_counter() - started
+    return result

@@ -28,7 +28,6 @@ Measurement
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -46,13 +45,12 @@ from mainspring.bench.jobs import (
     _BenchApp,
     _Databases,
     _fmt_rate,
-    _machine_info,
     _Probe,
     _rate,
     _ratio,
 )
 from mainspring.bench.report import host_line, render_checks
-from mainspring.bench.worker import spawn, worker_main
+from mainspring.bench.worker import run_phases, spawn, worker_main
 from mainspring.store.base import Store
 from mainspring.workflows.workflow import WorkflowDef
 
@@ -190,22 +188,19 @@ def run_workflows_bench(
         raise ValueError("concurrency must be at least 1")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    started = time.perf_counter()
     result = WorkflowsBenchResult(
         backend=backend, workflows=workflows, concurrency=concurrency,
         workflow_cache=DEFAULT_WORKFLOW_CACHE if workflow_cache is None else workflow_cache,
         steps=steps,
     )  # fmt: skip
-    result.host = _machine_info("auto")  # the loop worker_main runs on
-    dbs = _Databases(backend, url)
-    try:
-        asyncio.run(_measure(dbs, result))
-        if peers and backend == "postgres" and steps == len(ACTIVITIES):
-            result.dbos = asyncio.run(_run_dbos(dbs.server, workflows))
-    finally:
-        dbs.cleanup()
-    result.duration_s = time.perf_counter() - started
-    return result
+
+    async def dbos(dbs: _Databases) -> None:
+        result.dbos = await _run_dbos(dbs.server, workflows)
+
+    with_dbos = peers and backend == "postgres" and steps == len(ACTIVITIES)
+    return run_phases(
+        result, backend, url, lambda dbs: _measure(dbs, result), *([dbos] if with_dbos else [])
+    )
 
 
 def _bench_app(url: str, probe: _Probe | None = None) -> App:

@@ -213,7 +213,7 @@ class Hub:
         any failure stops the ones that started (all or nothing)."""
         if on_failure not in ("continue", "rollback"):
             raise ConfigError(f"on_failure is 'continue' or 'rollback', got {on_failure!r}")
-        timeout = call_timeout if call_timeout is not None else 5.0 + 0.001 * len(specs)
+        timeout = _call_timeout(call_timeout, len(specs))
         result = StartResult()
         rows = []
         seen: set[str] = set()
@@ -266,7 +266,7 @@ class Hub:
                 break
             await asyncio.sleep(0.02)
         if on_failure == "rollback" and result.errors:
-            started = [c for c in inserted]
+            started = list(inserted)
             await self.stop_children(started, call_timeout=timeout)
             result.rolled_back = sorted(started)
             result.started = {}
@@ -284,7 +284,7 @@ class Hub:
         """Stop children wherever they run (`terminate('stopped')`) and forget them; waits
         up to `call_timeout` (default 5 s + 1 ms per child)."""
         ids = list(child_ids)
-        timeout = call_timeout if call_timeout is not None else 5.0 + 0.001 * len(ids)
+        timeout = _call_timeout(call_timeout, len(ids))
         cs = await self.cluster.store()
         result = StopResult()
         found = await cs.proc_stop(ids) if ids else set()
@@ -961,3 +961,8 @@ def _answer(body: str | None, error: str | None) -> Any:
         info = payload.loads(error) or {}
         raise ProcessError(f"handle raised {info.get('type')}: {info.get('message')}")
     return payload.loads(body) if body is not None else None
+
+
+def _call_timeout(given: float | None, children: int) -> float:
+    """How long start_children/stop_children wait: as given, else 5 s + 1 ms per child."""
+    return given if given is not None else 5.0 + 0.001 * children
